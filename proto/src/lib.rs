@@ -1,0 +1,21 @@
+//! Docket's wire contract, generated from `proto/docket/v1/*.proto`, and the internal
+//! records the broker stores.
+//!
+//! Other languages generate their clients from the same `.proto` files.
+
+#![forbid(unsafe_code)]
+
+/// The public API, package `docket.v1`.
+pub mod v1 {
+    #![allow(missing_docs)]
+    tonic::include_proto!("docket.v1");
+}
+
+/// Records stored by the broker, package `docket.storage.v1`. Not part of the public API.
+pub mod storage {
+    #![allow(missing_docs)]
+    tonic::include_proto!("docket.storage.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every `.proto` file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("docket_descriptor");
