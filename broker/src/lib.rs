@@ -1,1 +1,193 @@
+//! Docket's broker: a durable task queue served over gRPC and stored in redb.
+//!
+//! [`serve`] runs a broker until its shutdown token is cancelled. The `docket-broker`
+//! binary is a thin wrapper around it that parses [`Config`] from flags and environment.
 
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod grpc;
+pub mod store;
+pub mod task;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use docket_proto::v1::broker_server::BrokerServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+pub use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::error::StoreError;
+use crate::store::Store;
+use crate::task::Limits;
+
+/// Interval of HTTP/2 keepalive pings on every connection, so that proxies keep idle
+/// streams open and a dead peer is noticed.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+
+/// Time to wait for a keepalive ping's acknowledgement before the connection is closed.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Name under which the health service reports the broker.
+pub const HEALTH_SERVICE_NAME: &str = "docket.v1.Broker";
+
+/// An error that stops the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Opening or recovering the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address from the configuration.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+
+    /// The storage writer thread could not be started.
+    #[error("cannot start the storage writer thread: {0}")]
+    WriterThread(std::io::Error),
+
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs a broker with `config` until `shutdown` is cancelled.
+///
+/// Recovers the store, binds the listen address, serves gRPC with health checking, and on
+/// shutdown ends every Subscribe stream with `UNAVAILABLE` and waits up to the
+/// configured grace period for pending commits.
+///
+/// # Errors
+///
+/// Fails if the store cannot be opened or recovered, the address cannot be bound, or the
+/// server fails.
+pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let started = std::time::Instant::now();
+    let data_dir = config.data_dir.clone();
+    let path = config.database_path();
+    let (store, recovered) = tokio::task::spawn_blocking(move || {
+        let store = Store::open(&data_dir, &path)?;
+        let recovered = store.recover()?;
+        Ok::<_, StoreError>((store, recovered))
+    })
+    .await
+    .map_err(|_| StoreError::WriterStopped)??;
+    let store = Arc::new(store);
+    tracing::info!(
+        path = %config.database_path().display(),
+        pending = recovered.pending.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "store recovered"
+    );
+
+    let dispatcher = Arc::new(Dispatcher::default());
+    dispatcher.make_ready(recovered.pending);
+    let (writer, writer_thread) = store::writer::spawn(
+        Arc::clone(&store),
+        Arc::clone(&dispatcher),
+        recovered.next_sequence,
+        config.write_queue_capacity,
+        config.max_commit_batch,
+    )
+    .map_err(ServeError::WriterThread)?;
+
+    let limits = Limits {
+        max_payload_bytes: config.max_payload_bytes,
+        max_result_bytes: config.max_result_bytes,
+        max_batch_size: config.max_batch_size,
+        default_max_attempts: config.default_max_attempts,
+        max_in_flight: config.max_in_flight,
+        default_lease_duration: config.lease_duration,
+        max_lease_duration: config.max_lease_duration,
+    };
+    let broker = Arc::new(broker::Broker::new(
+        Arc::clone(&dispatcher),
+        writer.clone(),
+        store,
+        limits,
+        config.heartbeat_interval,
+        shutdown.clone(),
+    ));
+
+    let tasks = TaskTracker::new();
+    tasks.spawn(dispatch::expiry::run(dispatcher, writer, shutdown.clone()));
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(HEALTH_SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    tasks.spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health
+                .set_service_status(HEALTH_SERVICE_NAME, ServingStatus::NotServing)
+                .await;
+        }
+    });
+
+    let service = BrokerServer::new(grpc::BrokerService::new(Arc::clone(&broker)))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    tracing::info!(addr = %local_addr, "broker listening");
+    let served = Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await;
+
+    tracing::info!("broker stopping");
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    drop(broker);
+    wait_for_writer(writer_thread, config.shutdown_grace).await;
+    served?;
+    tracing::info!("broker stopped");
+    Ok(())
+}
+
+/// Waits for the writer thread to commit what it holds, for at most `grace`.
+async fn wait_for_writer(thread: std::thread::JoinHandle<()>, grace: Duration) {
+    let join = tokio::task::spawn_blocking(move || thread.join());
+    match tokio::time::timeout(grace, join).await {
+        Ok(_) => {}
+        Err(_) => tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "storage writer did not finish within the shutdown grace period"
+        ),
+    }
+}

@@ -7,7 +7,7 @@
 
 /// The public API, package `docket.v1`.
 pub mod v1 {
-    #![allow(missing_docs)]
+    #![allow(missing_docs, clippy::large_enum_variant)]
     tonic::include_proto!("docket.v1");
 }
 

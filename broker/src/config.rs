@@ -1,0 +1,95 @@
+//! Broker configuration: command-line flags, each with a `DOCKET_*` environment fallback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Configuration of one broker process.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "docket-broker",
+    version,
+    about = "Docket's durable task-queue broker"
+)]
+pub struct Config {
+    /// Address and port to serve gRPC on. Port 0 picks a free port, which the broker logs.
+    #[arg(long, env = "DOCKET_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+
+    /// Folder that holds the broker's redb file. Created if missing.
+    #[arg(long, env = "DOCKET_DATA_DIR", default_value = "./docket-data")]
+    pub data_dir: PathBuf,
+
+    /// Interval between heartbeats on an idle or busy Subscribe stream.
+    #[arg(long, env = "DOCKET_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Lease length of a delivery when the Subscribe request sets none.
+    #[arg(long, env = "DOCKET_LEASE_DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
+    /// Maximum lease length that a Subscribe request may ask for.
+    #[arg(long, env = "DOCKET_MAX_LEASE_DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub max_lease_duration: Duration,
+
+    /// Maximum payload size of one task, in bytes.
+    #[arg(long, env = "DOCKET_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+
+    /// Maximum size of the result that an Ack may store, in bytes.
+    #[arg(long, env = "DOCKET_MAX_RESULT_BYTES", default_value_t = 64 * 1024)]
+    pub max_result_bytes: usize,
+
+    /// Maximum number of tasks in one Enqueue request.
+    #[arg(long, env = "DOCKET_MAX_BATCH_SIZE", default_value_t = 1000)]
+    pub max_batch_size: usize,
+
+    /// Maximum `max_in_flight` that a Subscribe request may ask for.
+    #[arg(long, env = "DOCKET_MAX_IN_FLIGHT", default_value_t = 10_000)]
+    pub max_in_flight: u32,
+
+    /// Maximum attempts of a task that was enqueued without its own limit.
+    #[arg(long, env = "DOCKET_DEFAULT_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=MAX_ATTEMPTS_LIMIT as i64))]
+    pub default_max_attempts: u32,
+
+    /// Maximum size of one gRPC message that the broker accepts, in bytes.
+    #[arg(long, env = "DOCKET_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Capacity of the queue of write requests waiting for the storage writer.
+    #[arg(long, env = "DOCKET_WRITE_QUEUE_CAPACITY", default_value_t = 4096)]
+    pub write_queue_capacity: usize,
+
+    /// Maximum number of write requests that the storage writer commits in one transaction.
+    #[arg(long, env = "DOCKET_MAX_COMMIT_BATCH", default_value_t = 1024)]
+    pub max_commit_batch: usize,
+
+    /// Time that shutdown waits for pending commits before it gives up.
+    #[arg(long, env = "DOCKET_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Upper bound on any task's maximum attempts.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
+
+impl Config {
+    /// Returns a configuration with every default, serving `listen` and storing in `data_dir`.
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        let mut config = Config::parse_from(["docket-broker"]);
+        config.listen = listen;
+        config.data_dir = data_dir.into();
+        config
+    }
+
+    /// Path of the redb file inside the data folder.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("broker.redb")
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|err| format!("invalid duration {text:?}: {err} (examples: 500ms, 15s, 1h)"))
+}
