@@ -379,3 +379,6 @@ impl State {
         Some(lease)
     }
 }
+
+#[cfg(test)]
+mod tests;

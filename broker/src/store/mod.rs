@@ -141,3 +141,6 @@ pub fn timestamp_from_micros(micros: i64) -> prost_types::Timestamp {
         nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
     }
 }
+
+#[cfg(test)]
+mod tests;
