@@ -1,0 +1,220 @@
+//! The broker client for producers and workers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use docket_proto::v1::broker_client::BrokerClient;
+use docket_proto::v1::{
+    AckRequest, EnqueueRequest, GetTaskRequest, NackRequest, NewTask, SubscribeRequest,
+    SubscribeResponse, TaskState, TaskStatus,
+};
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Error;
+
+/// Time allowed to establish a TCP connection to the broker.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client of the Docket broker.
+///
+/// Cloning is cheap: clones share one HTTP/2 connection, which is re-established on the
+/// next call if it drops.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: BrokerClient<Channel>,
+}
+
+impl Client {
+    /// Connects to the broker at `endpoint`, such as `http://127.0.0.1:7070`, and waits
+    /// until the connection is established.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::InvalidEndpoint`] if `endpoint` is not a valid URI and
+    /// [`Error::Connect`] if the broker cannot be reached.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self, Error> {
+        let endpoint = endpoint.into();
+        let channel = parse_endpoint(&endpoint)?
+            .connect()
+            .await
+            .map_err(|source| Error::Connect { endpoint, source })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Creates a client for the broker at `endpoint` that connects on its first call.
+    ///
+    /// This suits workers, which retry until the broker is reachable.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::InvalidEndpoint`] if `endpoint` is not a valid URI.
+    pub fn connect_lazy(endpoint: impl Into<String>) -> Result<Self, Error> {
+        let endpoint = endpoint.into();
+        Ok(Self::from_channel(
+            parse_endpoint(&endpoint)?.connect_lazy(),
+        ))
+    }
+
+    /// Creates a client over a channel configured by the caller, for example with TLS or
+    /// custom timeouts.
+    pub fn from_channel(channel: Channel) -> Self {
+        Client {
+            inner: BrokerClient::new(channel),
+        }
+    }
+
+    /// Returns the generated gRPC client, for calls that this type does not wrap.
+    pub fn grpc(&self) -> BrokerClient<Channel> {
+        self.inner.clone()
+    }
+
+    /// Adds one task and returns its id, a UUIDv7 string.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Status`] if the broker rejects the task, with
+    /// [`tonic::Code::InvalidArgument`] for an invalid field, or if the call fails.
+    pub async fn enqueue(&self, task: impl Into<NewTask>) -> Result<String, Error> {
+        let mut ids = self.enqueue_batch([task]).await?;
+        ids.pop()
+            .ok_or_else(|| Error::InvalidResponse("Enqueue returned no task id".to_owned()))
+    }
+
+    /// Adds a batch of tasks atomically and returns their ids in input order.
+    ///
+    /// Either every task is stored or none is. An empty batch returns an empty list
+    /// without calling the broker. The broker rejects batches over its limit (1000
+    /// tasks by default), so split larger inputs.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Status`] if the broker rejects the batch or the call fails, and
+    /// [`Error::InvalidResponse`] if the broker returns a different number of ids.
+    pub async fn enqueue_batch<T>(
+        &self,
+        tasks: impl IntoIterator<Item = T>,
+    ) -> Result<Vec<String>, Error>
+    where
+        T: Into<NewTask>,
+    {
+        let tasks: Vec<NewTask> = tasks.into_iter().map(Into::into).collect();
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+
+        let expected = tasks.len();
+        let response = self
+            .inner
+            .clone()
+            .enqueue(EnqueueRequest { tasks })
+            .await?
+            .into_inner();
+        if response.task_ids.len() != expected {
+            return Err(Error::InvalidResponse(format!(
+                "Enqueue returned {} task ids for {expected} tasks",
+                response.task_ids.len()
+            )));
+        }
+        Ok(response.task_ids)
+    }
+
+    /// Returns a task with its state, attempts, last error and result.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Status`] with [`tonic::Code::NotFound`] if the id is unknown, or
+    /// with another code if the call fails.
+    pub async fn get_task(&self, task_id: impl Into<String>) -> Result<TaskStatus, Error> {
+        let response = self
+            .inner
+            .clone()
+            .get_task(GetTaskRequest {
+                task_id: task_id.into(),
+            })
+            .await?
+            .into_inner();
+        response
+            .status
+            .ok_or_else(|| Error::InvalidResponse("GetTask returned no status".to_owned()))
+    }
+
+    /// Opens a Subscribe stream.
+    pub(crate) async fn subscribe(
+        &self,
+        request: SubscribeRequest,
+    ) -> Result<Streaming<SubscribeResponse>, Error> {
+        Ok(self.inner.clone().subscribe(request).await?.into_inner())
+    }
+
+    /// Completes the task held under `lease_id`, storing `result` if one is given.
+    pub(crate) async fn ack(&self, lease_id: &str, result: Option<Bytes>) -> Result<(), Error> {
+        self.inner
+            .clone()
+            .ack(AckRequest {
+                lease_id: lease_id.to_owned(),
+                result: result.unwrap_or_default(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Fails the attempt held under `lease_id` and returns the task's new state.
+    pub(crate) async fn nack(&self, lease_id: &str, error: &str) -> Result<TaskState, Error> {
+        let response = self
+            .inner
+            .clone()
+            .nack(NackRequest {
+                lease_id: lease_id.to_owned(),
+                error: error.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok(response.state())
+    }
+}
+
+fn parse_endpoint(endpoint: &str) -> Result<Endpoint, Error> {
+    let parsed =
+        Endpoint::from_shared(endpoint.to_owned()).map_err(|source| Error::InvalidEndpoint {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+    Ok(parsed.connect_timeout(CONNECT_TIMEOUT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connect_lazy_rejects_invalid_uri() {
+        let error = Client::connect_lazy("not a uri").unwrap_err();
+
+        assert!(matches!(error, Error::InvalidEndpoint { .. }), "{error:?}");
+    }
+
+    /// Returns an endpoint on loopback where nothing listens.
+    fn closed_endpoint() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        format!("http://{address}")
+    }
+
+    #[tokio::test]
+    async fn empty_batch_skips_the_broker() {
+        let client = Client::connect_lazy(closed_endpoint()).unwrap();
+
+        let ids = client.enqueue_batch(Vec::<NewTask>::new()).await.unwrap();
+
+        assert!(ids.is_empty());
+    }
+
+    #[tokio::test]
+    async fn connect_to_closed_port_fails() {
+        let error = Client::connect(closed_endpoint()).await.unwrap_err();
+
+        assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    }
+}

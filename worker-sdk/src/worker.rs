@@ -1,0 +1,311 @@
+//! The worker that receives deliveries and runs a handler for each.
+
+mod builder;
+mod execute;
+
+use std::fmt;
+use std::future::{Future, pending};
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use docket_proto::v1::subscribe_response::Event;
+use docket_proto::v1::{SubscribeRequest, SubscribeResponse};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tonic::Streaming;
+use tracing::{debug, error, info, trace, warn};
+
+pub use self::builder::WorkerBuilder;
+use crate::backoff::Backoff;
+use crate::handler::BoxHandler;
+use crate::{Client, Error, TaskContext};
+
+/// Receives tasks from one or more queues and runs a handler for each, at most
+/// `concurrency` at once.
+///
+/// The worker acks a task when the handler returns `Ok` and nacks it with the error
+/// message when the handler returns `Err` or panics. It reconnects with exponential
+/// backoff and jitter when the Subscribe stream breaks or the broker is unreachable.
+/// Build one with [`Worker::builder`] and start it with [`Worker::run`].
+pub struct Worker {
+    client: Client,
+    queues: Vec<String>,
+    concurrency: usize,
+    max_in_flight: u32,
+    lease_duration: Option<prost_types::Duration>,
+    shutdown_grace: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    handler: BoxHandler,
+}
+
+/// Reason the receive loop stopped.
+enum Stop {
+    /// The shutdown future completed. The stream is kept open while running handlers
+    /// finish, so that their leases stay valid.
+    Shutdown(Option<Streaming<SubscribeResponse>>),
+    /// The broker rejected the subscription in a way that retrying cannot fix.
+    Fatal(Error),
+}
+
+impl Worker {
+    /// Starts building a worker that calls the broker through `client`.
+    pub fn builder(client: Client) -> WorkerBuilder {
+        WorkerBuilder::new(client)
+    }
+
+    /// Runs the worker until `shutdown` completes.
+    ///
+    /// On shutdown the worker starts no new handler, waits up to the shutdown grace
+    /// period for running handlers to finish and settles their leases, then closes
+    /// the stream. The broker offers again every task whose lease was not settled,
+    /// including deliveries that had not started and handlers aborted after the grace
+    /// period.
+    ///
+    /// Connection failures and broken streams are retried until shutdown. A failed ack
+    /// or nack is logged and does not stop the worker.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Status`] if the broker rejects the subscription with
+    /// `INVALID_ARGUMENT` or `UNIMPLEMENTED`, for example for an invalid queue name or a
+    /// `max_in_flight` over the broker's limit. Running handlers are drained first.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let mut tasks = JoinSet::new();
+
+        let stop = self.receive(&permits, &mut tasks, shutdown).await;
+        let (stream, result) = match stop {
+            Stop::Shutdown(stream) => (stream, Ok(())),
+            Stop::Fatal(error) => (None, Err(error)),
+        };
+
+        self.drain(&mut tasks, stream).await;
+        info!(queues = ?self.queues, "worker stopped");
+        result
+    }
+
+    /// Subscribes, reconnecting as needed, and spawns a task per delivery until
+    /// `shutdown` completes or a fatal error occurs.
+    async fn receive(
+        &self,
+        permits: &Arc<Semaphore>,
+        tasks: &mut JoinSet<()>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Stop {
+        let mut shutdown = pin!(shutdown);
+        let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
+
+        loop {
+            let subscribed = tokio::select! {
+                () = &mut shutdown => return Stop::Shutdown(None),
+                subscribed = self.client.subscribe(self.subscribe_request()) => subscribed,
+            };
+
+            match subscribed {
+                Ok(mut stream) => {
+                    info!(queues = ?self.queues, max_in_flight = self.max_in_flight, "subscribed");
+                    let disconnect = self
+                        .receive_stream(&mut stream, permits, tasks, &mut backoff, &mut shutdown)
+                        .await;
+                    match disconnect {
+                        Disconnect::Shutdown => return Stop::Shutdown(Some(stream)),
+                        Disconnect::Closed => {
+                            warn!(queues = ?self.queues, "broker closed the stream; reconnecting");
+                        }
+                        Disconnect::Failed(error) if is_fatal(&error) => {
+                            error!(queues = ?self.queues, %error, "broker rejected the subscription");
+                            return Stop::Fatal(error);
+                        }
+                        Disconnect::Failed(error) => {
+                            warn!(queues = ?self.queues, %error, "stream failed; reconnecting");
+                        }
+                    }
+                }
+                Err(error) if is_fatal(&error) => {
+                    error!(queues = ?self.queues, %error, "broker rejected the subscription");
+                    return Stop::Fatal(error);
+                }
+                Err(error) => {
+                    warn!(queues = ?self.queues, %error, "subscribe failed; reconnecting");
+                }
+            }
+
+            let delay = backoff.next_delay();
+            debug!(delay_ms = delay.as_millis(), "waiting before reconnecting");
+            tokio::select! {
+                () = &mut shutdown => return Stop::Shutdown(None),
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Reads one stream until it ends or `shutdown` completes.
+    async fn receive_stream(
+        &self,
+        stream: &mut Streaming<SubscribeResponse>,
+        permits: &Arc<Semaphore>,
+        tasks: &mut JoinSet<()>,
+        backoff: &mut Backoff,
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+    ) -> Disconnect {
+        loop {
+            reap(tasks);
+
+            let message = tokio::select! {
+                () = &mut *shutdown => return Disconnect::Shutdown,
+                message = stream.message() => message,
+            };
+            let event = match message {
+                Ok(Some(response)) => response.event,
+                Ok(None) => return Disconnect::Closed,
+                Err(status) => return Disconnect::Failed(status.into()),
+            };
+            // Any message shows that the stream works, so the next failure starts
+            // again from the shortest delay.
+            backoff.reset();
+
+            let delivery = match event {
+                Some(Event::Delivery(delivery)) => delivery,
+                Some(Event::Heartbeat(_)) => {
+                    trace!("heartbeat");
+                    continue;
+                }
+                None => {
+                    debug!("ignoring a stream message of unknown kind");
+                    continue;
+                }
+            };
+            let lease_id = delivery.lease_id.clone();
+            let Some(context) = TaskContext::from_delivery(delivery) else {
+                // Without a task there is nothing to run. The lease expires on its own.
+                warn!(%lease_id, "ignoring a delivery without a task");
+                continue;
+            };
+
+            // Waiting here for a slot leaves later deliveries in the stream, within the
+            // broker's `max_in_flight` limit.
+            let permit = tokio::select! {
+                () = &mut *shutdown => return Disconnect::Shutdown,
+                permit = Arc::clone(permits).acquire_owned() => permit,
+            };
+            let Ok(permit) = permit else {
+                // The semaphore is never closed, so this branch does not run.
+                return Disconnect::Shutdown;
+            };
+
+            debug!(
+                task_id = context.id(),
+                attempt = context.attempt(),
+                "starting handler"
+            );
+            tasks.spawn(execute::execute(
+                self.client.clone(),
+                Arc::clone(&self.handler),
+                context,
+                permit,
+            ));
+        }
+    }
+
+    /// Waits up to the grace period for running handlers, while reading and dropping
+    /// any further deliveries, then aborts the handlers that are left.
+    async fn drain(
+        &self,
+        tasks: &mut JoinSet<()>,
+        mut stream: Option<Streaming<SubscribeResponse>>,
+    ) {
+        reap(tasks);
+        if tasks.is_empty() {
+            return;
+        }
+        info!(
+            running = tasks.len(),
+            grace_ms = self.shutdown_grace.as_millis(),
+            "shutting down; waiting for running handlers"
+        );
+
+        let mut grace = pin!(tokio::time::sleep(self.shutdown_grace));
+        loop {
+            tokio::select! {
+                joined = tasks.join_next() => match joined {
+                    Some(result) => log_join_error(result),
+                    None => return,
+                },
+                // Reading keeps HTTP/2 flow control moving. Deliveries that arrive now are
+                // not started, and their leases are released when the stream closes.
+                message = next_message(&mut stream) => match message {
+                    Ok(Some(_)) => trace!("ignoring a message during shutdown"),
+                    Ok(None) | Err(_) => stream = None,
+                },
+                () = &mut grace => {
+                    warn!(running = tasks.len(), "shutdown grace period elapsed; aborting handlers");
+                    tasks.shutdown().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn subscribe_request(&self) -> SubscribeRequest {
+        SubscribeRequest {
+            queues: self.queues.clone(),
+            max_in_flight: self.max_in_flight,
+            lease_duration: self.lease_duration,
+        }
+    }
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("queues", &self.queues)
+            .field("concurrency", &self.concurrency)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("lease_duration", &self.lease_duration)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reason one stream ended.
+enum Disconnect {
+    Shutdown,
+    Closed,
+    Failed(Error),
+}
+
+/// Returns `true` for subscription errors that retrying cannot fix.
+fn is_fatal(error: &Error) -> bool {
+    matches!(
+        error.code(),
+        Some(tonic::Code::InvalidArgument | tonic::Code::Unimplemented)
+    )
+}
+
+/// Removes finished tasks from the set so that it holds only running ones.
+fn reap(tasks: &mut JoinSet<()>) {
+    while let Some(result) = tasks.try_join_next() {
+        log_join_error(result);
+    }
+}
+
+fn log_join_error(result: Result<(), tokio::task::JoinError>) {
+    // `execute` catches handler panics, so a panic here is a bug in the worker.
+    if let Err(join_error) = result
+        && join_error.is_panic()
+    {
+        error!(error = %join_error, "delivery task panicked");
+    }
+}
+
+/// Reads the next message, or waits forever once the stream is gone.
+async fn next_message(
+    stream: &mut Option<Streaming<SubscribeResponse>>,
+) -> Result<Option<SubscribeResponse>, tonic::Status> {
+    match stream {
+        Some(stream) => stream.message().await,
+        None => pending().await,
+    }
+}

@@ -1,0 +1,176 @@
+//! The builder for [`Worker`].
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::handler::{HandlerResult, box_handler};
+use crate::{Client, Error, TaskContext, Worker};
+
+/// Default number of handlers that run at once.
+const DEFAULT_CONCURRENCY: usize = 10;
+
+/// Time running handlers get to finish after shutdown starts. It matches the broker's
+/// default lease of 30 s.
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// First reconnect delay. Later delays double up to [`DEFAULT_BACKOFF_MAX`].
+const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+
+/// Maximum reconnect delay.
+const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Configures and builds a [`Worker`]. Created by [`Worker::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct WorkerBuilder {
+    client: Client,
+    queues: Vec<String>,
+    concurrency: usize,
+    max_in_flight: Option<u32>,
+    lease_duration: Option<Duration>,
+    shutdown_grace: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+}
+
+impl WorkerBuilder {
+    pub(crate) fn new(client: Client) -> Self {
+        WorkerBuilder {
+            client,
+            queues: Vec::new(),
+            concurrency: DEFAULT_CONCURRENCY,
+            max_in_flight: None,
+            lease_duration: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            backoff_initial: DEFAULT_BACKOFF_INITIAL,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+        }
+    }
+
+    /// Adds a queue to receive tasks from. At least one is required.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queues.push(queue.into());
+        self
+    }
+
+    /// Adds several queues to receive tasks from.
+    pub fn queues<I>(mut self, queues: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.queues.extend(queues.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets the maximum number of handlers that run at once. The default is 10.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// Sets the maximum number of deliveries the broker sends before they are settled,
+    /// running or waiting for a free handler slot. The default equals the concurrency.
+    ///
+    /// A value above the concurrency prefetches deliveries, so that a slot that becomes
+    /// free starts the next task without a round trip. Prefetched deliveries use up
+    /// their lease while they wait.
+    pub fn max_in_flight(mut self, max_in_flight: u32) -> Self {
+        self.max_in_flight = Some(max_in_flight);
+        self
+    }
+
+    /// Sets the lease length of each delivery. Unset takes the broker's default (30 s).
+    ///
+    /// A handler that runs past its lease loses it: the task is offered again and the
+    /// late ack or nack is rejected.
+    pub fn lease_duration(mut self, lease_duration: Duration) -> Self {
+        self.lease_duration = Some(lease_duration);
+        self
+    }
+
+    /// Sets how long [`Worker::run`] waits for running handlers after shutdown starts
+    /// before it aborts them. The default is 30 s.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Sets the first and the maximum delay between reconnect attempts. The defaults are
+    /// 100 ms and 10 s. Each delay is drawn at random from the upper half of the
+    /// current step, and the step doubles after every failure.
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Builds a worker that runs `handler` for every delivered task.
+    ///
+    /// The handler returns `Ok` with an optional result to acknowledge the task, or
+    /// `Err` to fail the attempt. A handler that panics fails the attempt too.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::InvalidConfig`] if no queue is set, if the concurrency or
+    /// `max_in_flight` is 0 or too large, if the lease duration is out of range, or if
+    /// the initial reconnect delay is 0 or above the maximum.
+    pub fn build<F, Fut>(self, handler: F) -> Result<Worker, Error>
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        if self.queues.is_empty() {
+            return Err(Error::InvalidConfig(
+                "no queue is set, and a worker needs at least one (call `queue`)".to_owned(),
+            ));
+        }
+        if self.concurrency == 0 || self.concurrency > Semaphore::MAX_PERMITS {
+            return Err(Error::InvalidConfig(format!(
+                "concurrency {} is out of range 1..={}",
+                self.concurrency,
+                Semaphore::MAX_PERMITS
+            )));
+        }
+
+        let max_in_flight = match self.max_in_flight {
+            Some(0) => {
+                return Err(Error::InvalidConfig(
+                    "max_in_flight must be at least 1".to_owned(),
+                ));
+            }
+            Some(max_in_flight) => max_in_flight,
+            None => u32::try_from(self.concurrency).unwrap_or(u32::MAX),
+        };
+
+        let lease_duration = self
+            .lease_duration
+            .map(|duration| {
+                prost_types::Duration::try_from(duration).map_err(|error| {
+                    Error::InvalidConfig(format!("lease duration {duration:?}: {error}"))
+                })
+            })
+            .transpose()?;
+
+        if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
+            return Err(Error::InvalidConfig(format!(
+                "reconnect backoff must have 0 < initial <= max, got initial {:?} and max {:?}",
+                self.backoff_initial, self.backoff_max
+            )));
+        }
+
+        Ok(Worker {
+            client: self.client,
+            queues: self.queues,
+            concurrency: self.concurrency,
+            max_in_flight,
+            lease_duration,
+            shutdown_grace: self.shutdown_grace,
+            backoff_initial: self.backoff_initial,
+            backoff_max: self.backoff_max,
+            handler: box_handler(handler),
+        })
+    }
+}

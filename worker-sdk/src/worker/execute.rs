@@ -1,0 +1,196 @@
+//! Running one delivery through the handler and settling its lease.
+
+use std::any::Any;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use docket_proto::v1::TaskState;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::AbortHandle;
+use tracing::{debug, error, warn};
+
+use crate::handler::BoxHandler;
+use crate::{Client, Error, TaskContext};
+
+/// Tries per ack or nack while the broker is unavailable, if the delivery has no lease
+/// deadline. With a deadline, tries go on while the lease is live.
+const SETTLE_TRIES_WITHOUT_DEADLINE: u32 = 3;
+
+/// Delay before the second try of an ack or nack. It doubles for each further try, up
+/// to [`SETTLE_RETRY_MAX_DELAY`].
+const SETTLE_RETRY_DELAY: Duration = Duration::from_millis(200);
+
+/// Maximum delay between tries of an ack or nack.
+const SETTLE_RETRY_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// Result of one handler attempt.
+enum Outcome {
+    Succeeded(Option<Bytes>),
+    Failed(String),
+}
+
+/// Runs the handler for one delivery, then acks or nacks its lease. `_permit` holds a
+/// handler slot until the lease is settled.
+pub(super) async fn execute(
+    client: Client,
+    handler: BoxHandler,
+    context: TaskContext,
+    _permit: OwnedSemaphorePermit,
+) {
+    let task_id = context.id().to_owned();
+    let lease_id = context.lease_id().to_owned();
+    let attempt = context.attempt();
+    let max_attempts = context.max_attempts();
+    let lease_deadline = context.lease_deadline();
+
+    // The handler runs in its own task so that a panic is caught as a `JoinError`
+    // instead of unwinding through the worker.
+    let handle = tokio::spawn(handler(context));
+    let _abort = AbortOnDrop(handle.abort_handle());
+    let outcome = match handle.await {
+        Ok(Ok(result)) => Outcome::Succeeded(result),
+        Ok(Err(handler_error)) => {
+            let message = handler_error.to_string();
+            warn!(%task_id, attempt, max_attempts, error = %message, "handler failed");
+            Outcome::Failed(message)
+        }
+        Err(join_error) if join_error.is_panic() => {
+            let payload = join_error.into_panic();
+            // `&*payload` passes the payload itself. `&payload` would pass the `Box`,
+            // which is also `Any` and never downcasts to a string.
+            let message = format!("handler panicked: {}", panic_message(&*payload));
+            error!(%task_id, attempt, max_attempts, error = %message, "handler panicked");
+            Outcome::Failed(message)
+        }
+        Err(_) => {
+            // Handlers are aborted only when the shutdown grace period ends or the `run`
+            // future is dropped. The lease is released when the stream closes.
+            debug!(%task_id, "handler aborted at shutdown");
+            return;
+        }
+    };
+
+    settle(&client, &task_id, &lease_id, lease_deadline, outcome).await;
+}
+
+/// Acks or nacks a lease, retrying while the broker is unavailable and the lease is
+/// live.
+async fn settle(
+    client: &Client,
+    task_id: &str,
+    lease_id: &str,
+    lease_deadline: Option<SystemTime>,
+    outcome: Outcome,
+) {
+    let operation = match outcome {
+        Outcome::Succeeded(_) => "ack",
+        Outcome::Failed(_) => "nack",
+    };
+    let mut delay = SETTLE_RETRY_DELAY;
+    let mut try_number = 1;
+    loop {
+        let result = match &outcome {
+            Outcome::Succeeded(result) => client.ack(lease_id, result.clone()).await,
+            Outcome::Failed(message) => client.nack(lease_id, message).await.map(|state| {
+                if state == TaskState::Dead {
+                    warn!(%task_id, error = %message, "task dead-lettered after its last attempt");
+                } else {
+                    debug!(%task_id, ?state, "nacked");
+                }
+            }),
+        };
+
+        let error = match result {
+            Ok(()) => return,
+            Err(error) => error,
+        };
+        if error.code() == Some(tonic::Code::FailedPrecondition) {
+            warn!(
+                %task_id, %error, operation,
+                "lease expired or already settled; the broker offers the task again"
+            );
+            return;
+        }
+        if !is_retryable(&error) || !may_retry(try_number, delay, lease_deadline) {
+            error!(
+                %task_id, %error, operation, try_number,
+                "settling failed; the broker offers the task again when its lease expires"
+            );
+            return;
+        }
+
+        warn!(%task_id, %error, operation, try_number, "settling failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(SETTLE_RETRY_MAX_DELAY);
+        try_number += 1;
+    }
+}
+
+/// Returns `true` if another try after `delay` can still reach the broker before the
+/// lease expires.
+fn may_retry(try_number: u32, delay: Duration, lease_deadline: Option<SystemTime>) -> bool {
+    match lease_deadline {
+        Some(deadline) => SystemTime::now() + delay < deadline,
+        None => try_number < SETTLE_TRIES_WITHOUT_DEADLINE,
+    }
+}
+
+fn is_retryable(error: &Error) -> bool {
+    error.code() == Some(tonic::Code::Unavailable)
+}
+
+/// Extracts the message of a panic payload, which is a `&str` or a `String` for
+/// `panic!` with a message.
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(message) = payload.downcast_ref::<&str>() {
+        message
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message
+    } else {
+        "non-string panic payload"
+    }
+}
+
+/// Aborts the handler task when `execute` is dropped, so that aborting `execute` at the
+/// end of shutdown also stops its handler.
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_stops_at_lease_deadline() {
+        let delay = Duration::from_secs(1);
+        let live = SystemTime::now() + Duration::from_secs(60);
+        let expiring = SystemTime::now() + Duration::from_millis(500);
+
+        assert!(may_retry(100, delay, Some(live)));
+        assert!(!may_retry(1, delay, Some(expiring)));
+    }
+
+    #[test]
+    fn retry_without_deadline_is_bounded() {
+        let delay = Duration::from_millis(200);
+
+        assert!(may_retry(1, delay, None));
+        assert!(!may_retry(SETTLE_TRIES_WITHOUT_DEADLINE, delay, None));
+    }
+
+    #[test]
+    fn panic_message_reads_str_and_string() {
+        let literal: Box<dyn Any + Send> = Box::new("boom");
+        let formatted: Box<dyn Any + Send> = Box::new(format!("boom {}", 42));
+        let other: Box<dyn Any + Send> = Box::new(42_u8);
+
+        assert_eq!(panic_message(&*literal), "boom");
+        assert_eq!(panic_message(&*formatted), "boom 42");
+        assert_eq!(panic_message(&*other), "non-string panic payload");
+    }
+}
