@@ -18,7 +18,7 @@ pub struct Config {
     #[arg(long, env = "DOCKET_LISTEN", default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
 
-    /// Folder that holds the broker's redb file. Created if missing.
+    /// Folder of the broker's redb file. Created if missing.
     #[arg(long, env = "DOCKET_DATA_DIR", default_value = "./docket-data")]
     pub data_dir: PathBuf,
 

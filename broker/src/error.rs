@@ -10,7 +10,7 @@ pub enum BrokerError {
     InvalidArgument {
         /// Path of the field in the request.
         field: String,
-        /// What is wrong with the value, naming it.
+        /// Description of the problem, naming the value.
         message: String,
     },
 

@@ -41,7 +41,7 @@ impl TaskId {
         }
     }
 
-    /// The id as the key of the tasks table.
+    /// Returns the id as the key of the tasks table.
     pub fn as_key(self) -> u128 {
         self.0.as_u128()
     }
@@ -80,7 +80,7 @@ impl LeaseId {
         Ok(LeaseId(text.into()))
     }
 
-    /// The id as sent on the wire.
+    /// Returns the id as sent on the wire.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -113,7 +113,7 @@ impl QueueName {
         Ok(QueueName(text.into()))
     }
 
-    /// The name as text.
+    /// Returns the name as text.
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -12,7 +12,7 @@ use crate::store::writer::{WriteOp, WriterHandle};
 /// Error stored on a task whose lease expired.
 pub const LEASE_EXPIRED: &str = "lease expired";
 
-/// Longest sleep when no lease is live; new leases wake the loop earlier.
+/// Maximum sleep when no lease is live. A new lease wakes the loop earlier.
 const IDLE_SLEEP: Duration = Duration::from_secs(60);
 
 /// Runs until `shutdown` is cancelled.

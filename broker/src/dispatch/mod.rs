@@ -19,8 +19,8 @@ use tokio::sync::{Notify, mpsc};
 use crate::error::BrokerError;
 use crate::task::{LeaseId, QueueName, TaskId};
 
-/// A pending task as the dispatcher holds it: enough to order and deliver it without
-/// reading the store.
+/// A pending task in the dispatcher's memory, with every field needed to order and
+/// deliver it without reading the store.
 #[derive(Debug, Clone)]
 pub struct ReadyTask {
     /// Task id.
@@ -107,8 +107,8 @@ impl Default for Dispatcher {
 
 impl Dispatcher {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while the lock was held leaves the state as consistent as the panicking
-        // step left it; serving on is better than failing every later request.
+        // A panic under the lock leaves the state as the panicking step left it. Serving on
+        // is better than failing every later request.
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -206,7 +206,7 @@ impl Dispatcher {
         expired
     }
 
-    /// The earliest deadline of any live lease.
+    /// Returns the earliest deadline of any live lease.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.lock()
             .deadlines
@@ -219,7 +219,7 @@ impl Dispatcher {
         self.earliest_deadline_changed.notified().await;
     }
 
-    /// The deadline of the live lease on a task, if it is leased.
+    /// Returns the deadline of the live lease on a task, if it is leased.
     pub fn lease_deadline(&self, task_id: TaskId) -> Option<SystemTime> {
         let state = self.lock();
         let lease_id = state.lease_by_task.get(&task_id)?;

@@ -27,7 +27,7 @@ pub struct Store {
     db: Database,
 }
 
-/// What the broker rebuilds from the store when it starts.
+/// State that the broker rebuilds from the store at start-up.
 pub struct Recovered {
     /// Every task that is waiting for delivery, in no particular order.
     pub pending: Vec<Arc<ReadyTask>>,

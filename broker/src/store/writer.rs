@@ -43,10 +43,10 @@ pub enum WriteOp {
     Fail {
         /// The task as it was leased.
         task: Arc<ReadyTask>,
-        /// Why the attempt failed.
+        /// Error message of the failed attempt.
         error: String,
-        /// Receives the task's new state once it is durable; `None` when nobody waits,
-        /// as for an expired lease.
+        /// Receives the task's new state once it is durable. `None` for an expired lease
+        /// or a closed stream, where no request waits.
         reply: Option<oneshot::Sender<Result<TaskRecordState, StoreError>>>,
     },
 }
@@ -110,7 +110,7 @@ struct Writer {
     max_batch: usize,
 }
 
-/// What a committed request changes in memory, and the reply it is owed.
+/// A committed request's change to the in-memory state, with its reply channel.
 enum Applied {
     Enqueue {
         tasks: Vec<Arc<ReadyTask>>,
