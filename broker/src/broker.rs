@@ -10,7 +10,7 @@ use prost::bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{Dispatcher, ReadyTask, SubscriberId, Subscription};
+use crate::dispatch::{Dispatcher, ReadyTask, Redeliver, SubscriberId, Subscription};
 use crate::error::{BrokerError, StoreError};
 use crate::store::writer::{WriteOp, WriterHandle};
 use crate::store::{Store, timestamp_from_micros};
@@ -104,7 +104,7 @@ impl Broker {
             ));
         }
         self.ensure_running()?;
-        let task = self.dispatcher.settle(&lease_id)?;
+        let task = self.dispatcher.settle(&lease_id, Redeliver::Now)?;
         tracing::debug!(task_id = %task.id, %lease_id, "ack");
         let (reply, response) = oneshot::channel();
         self.write(WriteOp::Complete {
@@ -129,7 +129,7 @@ impl Broker {
         error: String,
     ) -> Result<TaskRecordState, BrokerError> {
         self.ensure_running()?;
-        let task = self.dispatcher.settle(&lease_id)?;
+        let task = self.dispatcher.settle(&lease_id, Redeliver::AfterCommit)?;
         tracing::debug!(task_id = %task.id, %lease_id, "nack");
         let (reply, response) = oneshot::channel();
         let error = truncate_error_message(error);

@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use docket_proto::v1::broker_server::BrokerServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 pub use crate::config::Config;
@@ -160,13 +160,15 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     tracing::info!(addr = %local_addr, "broker listening");
+    // `Server::tcp_nodelay` applies only to listeners that tonic binds itself, so the
+    // incoming stream sets it. Without it, Nagle's algorithm delays small responses.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let served = Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await;
 
     tracing::info!("broker stopping");

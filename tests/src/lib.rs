@@ -1,1 +1,703 @@
+//! End-to-end test harness: runs the real `docket-broker` binary on loopback and talks to
+//! it over gRPC.
+//!
+//! The harness finds binaries in the Cargo target directory of the test executable and
+//! never builds them. Run `cargo build --workspace --bins` before the tests; the
+//! `email_campaign` example is built by `cargo test --workspace`. The harness stops
+//! processes with Unix signals, so it runs on Unix only.
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use docket_proto::v1::broker_client::BrokerClient;
+use docket_proto::v1::subscribe_response::Event;
+use docket_proto::v1::{
+    AckRequest, Delivery, EnqueueRequest, GetTaskRequest, NackRequest, NewTask, SubscribeRequest,
+    TaskState, TaskStatus,
+};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+pub use docket_proto::v1;
+
+/// Upper bound on the wait for anything a test expects to happen: a startup, a delivery,
+/// a state change. It is generous because the tests share a small machine with the
+/// build and with each other.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// How long a test watches for something that must not happen, such as a delivery past
+/// `max_in_flight`.
+pub const QUIET: Duration = Duration::from_millis(500);
+
+/// Health-checked service name that the broker reports as SERVING once it is ready.
+const BROKER_SERVICE: &str = "docket.v1.Broker";
+
+/// Number of stderr lines a failing test prints from each broker it started.
+const STDERR_TAIL_LINES: usize = 200;
+
+/// Creates a temporary directory that is deleted when the returned value is dropped.
+pub fn temp_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("docket-test-")
+        .tempdir()
+        .expect("failed to create a temporary directory")
+}
+
+pub use tempfile::TempDir;
+
+/// Returns the Cargo profile directory (`target/debug`) that contains the test executable.
+///
+/// Integration test executables live in `target/<profile>/deps/`, and binaries one level
+/// up.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("failed to find the test executable's path");
+    let deps = exe
+        .parent()
+        .expect("the test executable has no parent directory");
+    let profile = if deps.file_name().is_some_and(|name| name == "deps") {
+        deps.parent()
+            .expect("the deps directory has no parent directory")
+    } else {
+        deps
+    };
+    profile.to_path_buf()
+}
+
+/// Returns the path of the `docket-broker` binary, panicking with the build command if it
+/// is missing.
+pub fn broker_binary() -> PathBuf {
+    let path = profile_dir().join(format!("docket-broker{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "broker binary {} not found: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// Returns the path of a built example of the workspace, panicking with the build command
+/// if it is missing.
+pub fn example_binary(name: &str) -> PathBuf {
+    let path = profile_dir()
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "example binary {} not found: run `cargo test --workspace` or \
+         `cargo build --workspace --examples` first",
+        path.display()
+    );
+    path
+}
+
+/// Runs `future` with the deadline `limit`, turning a timeout into an error that names
+/// `description`, the event the test was waiting for.
+pub async fn within<T>(
+    limit: Duration,
+    description: &str,
+    future: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match timeout(limit, future).await {
+        Ok(result) => result,
+        Err(_) => bail!("timed out after {limit:?} waiting for {description}"),
+    }
+}
+
+/// Runs `command` to completion with stdout and stderr captured, killing it if it runs
+/// longer than `limit`.
+pub async fn run_with_timeout(command: &mut Command, limit: Duration) -> Result<Output> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start {command:?}"))?;
+
+    // Both pipes are drained while the process runs, so that neither fills and blocks it.
+    let stdout_reader = spawn_pipe_reader(child.stdout.take().expect("stdout is piped"));
+    let stderr_reader = spawn_pipe_reader(child.stderr.take().expect("stderr is piped"));
+
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = stdout_reader.join().unwrap_or_default();
+            let stderr = stderr_reader.join().unwrap_or_default();
+            bail!(
+                "{command:?} did not finish within {limit:?} and was killed; stdout:\n{}\n\
+                 stderr:\n{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    Ok(Output {
+        status,
+        stdout: stdout_reader.join().unwrap_or_default(),
+        stderr: stderr_reader.join().unwrap_or_default(),
+    })
+}
+
+fn spawn_pipe_reader(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut contents = Vec::new();
+        let _ = pipe.read_to_end(&mut contents);
+        contents
+    })
+}
+
+/// A `docket-broker` child process listening on a loopback port.
+///
+/// Dropping it kills the process. If the current thread is panicking, which is how a test
+/// fails, dropping it also prints the end of the broker's stderr so that the failure
+/// message shows what the broker logged.
+pub struct BrokerProcess {
+    child: Child,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    stderr_lines: Arc<Mutex<Vec<String>>>,
+    exited: Option<ExitStatus>,
+}
+
+impl BrokerProcess {
+    /// Starts the broker on `127.0.0.1:0` with its store in `data_dir`, waits until it
+    /// logs its address and reports SERVING on the health service, and returns it.
+    ///
+    /// `extra_args` are appended to the command line, for example
+    /// `["--heartbeat-interval", "200ms"]`. Inherited `DOCKET_*` variables are removed so
+    /// that only the arguments configure the broker, and it logs at its default level.
+    pub async fn start(data_dir: &Path, extra_args: &[&str]) -> Result<Self> {
+        let binary = broker_binary();
+        let mut command = Command::new(&binary);
+        command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("DOCKET_") {
+                command.env_remove(name);
+            }
+        }
+
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("failed to start {}", binary.display()))?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+
+        // A thread drains stderr for the whole life of the process, so that the pipe never
+        // fills and blocks the broker, and keeps every line for failure messages.
+        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+        let (line_sender, mut line_receiver) = mpsc::unbounded_channel();
+        let thread_lines = Arc::clone(&stderr_lines);
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut buffer = Vec::new();
+            loop {
+                buffer.clear();
+                match reader.read_until(b'\n', &mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buffer).trim_end().to_string();
+                        thread_lines.lock().unwrap().push(line.clone());
+                        // The receiver is dropped once the address is known.
+                        let _ = line_sender.send(line);
+                    }
+                }
+            }
+        });
+
+        let mut broker = BrokerProcess {
+            child,
+            // Replaced as soon as the broker logs its address.
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.to_path_buf(),
+            stderr_lines,
+            exited: None,
+        };
+
+        let found = timeout(WAIT, async {
+            while let Some(line) = line_receiver.recv().await {
+                if let Some(addr) = listening_addr(&line) {
+                    return Some(addr);
+                }
+            }
+            None
+        })
+        .await;
+        broker.addr = match found {
+            Ok(Some(addr)) => addr,
+            Ok(None) => {
+                let status = broker.child.wait().ok();
+                broker.exited = status;
+                bail!(
+                    "broker exited ({status:?}) before logging `broker listening` with \
+                     addr=; stderr:\n{}",
+                    broker.stderr_output()
+                );
+            }
+            Err(_) => bail!(
+                "broker logged no `broker listening` line with addr= within {WAIT:?}; \
+                 stderr:\n{}",
+                broker.stderr_output()
+            ),
+        };
+
+        if let Err(error) = broker.wait_until_serving().await {
+            bail!(
+                "broker at {} did not become ready: {error:#}; stderr:\n{}",
+                broker.addr,
+                broker.stderr_output()
+            );
+        }
+        Ok(broker)
+    }
+
+    /// Polls the health service until it reports SERVING for the broker service.
+    async fn wait_until_serving(&self) -> Result<()> {
+        let endpoint = Endpoint::from_shared(self.endpoint())?.connect_timeout(WAIT);
+        let deadline = Instant::now() + WAIT;
+        let mut last_observation = String::from("no health check answered");
+        loop {
+            if Instant::now() >= deadline {
+                bail!("health check not SERVING within {WAIT:?}: {last_observation}");
+            }
+            let check = async {
+                let channel = endpoint.connect().await?;
+                let response = HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: BROKER_SERVICE.to_string(),
+                    })
+                    .await?;
+                anyhow::Ok(response.into_inner().status())
+            };
+            match timeout(Duration::from_secs(2), check).await {
+                Ok(Ok(ServingStatus::Serving)) => return Ok(()),
+                Ok(Ok(status)) => last_observation = format!("status {status:?}"),
+                Ok(Err(error)) => last_observation = format!("{error:#}"),
+                Err(_) => last_observation = "health check timed out".to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Returns the address the broker listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Returns the broker's URL, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Returns the data directory the broker was started with.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Returns the process id of the broker.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Connects a new client on its own HTTP/2 connection.
+    pub async fn client(&self) -> Result<BrokerClient<Channel>> {
+        let channel = Endpoint::from_shared(self.endpoint())?
+            .connect_timeout(WAIT)
+            .connect()
+            .await
+            .with_context(|| format!("failed to connect to the broker at {}", self.addr))?;
+        Ok(BrokerClient::new(channel))
+    }
+
+    /// Returns everything the broker wrote to stderr so far.
+    pub fn stderr_output(&self) -> String {
+        self.stderr_lines.lock().unwrap().join("\n")
+    }
+
+    /// Kills the broker with SIGKILL, so it gets no chance to clean up, and waits for it.
+    pub fn kill9(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.exited {
+            return Ok(status);
+        }
+        // `Child::kill` sends SIGKILL on Unix.
+        self.child
+            .kill()
+            .context("failed to send SIGKILL to the broker")?;
+        let status = self.child.wait().context("failed to wait for the broker")?;
+        self.exited = Some(status);
+        Ok(status)
+    }
+
+    /// Sends SIGTERM and waits up to [`WAIT`] for the broker to exit.
+    ///
+    /// Returns an error if the broker is still running after that, and leaves it for
+    /// `Drop` to kill.
+    pub async fn stop(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.exited {
+            return Ok(status);
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).context("broker pid out of range")?;
+        // SAFETY: `kill` only sends a signal. `pid` is the id of our own child, which
+        // cannot be reused by another process before we reap it with `wait`.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        if sent != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("failed to send SIGTERM to the broker");
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.exited = Some(status);
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "broker did not exit within {WAIT:?} of SIGTERM; stderr:\n{}",
+                    self.stderr_output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            let lines = self.stderr_lines.lock().unwrap();
+            let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
+            eprintln!(
+                "--- stderr of the broker at {} (pid {}), last {} lines ---",
+                self.addr,
+                self.child.id(),
+                lines.len() - start
+            );
+            for line in &lines[start..] {
+                eprintln!("{line}");
+            }
+            eprintln!("--- end of broker stderr ---");
+        }
+    }
+}
+
+/// Extracts the address from the broker's `broker listening` log line.
+///
+/// The line is formatted by `tracing`, for example
+/// `2025-01-01T00:00:00Z  INFO docket_broker: broker listening addr=127.0.0.1:41234`.
+/// ANSI escape sequences and quotes around the value are tolerated.
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let line = strip_ansi(line);
+    if !line.contains("broker listening") {
+        return None;
+    }
+    let value = line.split("addr=").nth(1)?;
+    let value = value.split_whitespace().next()?;
+    value.trim_matches('"').parse().ok()
+}
+
+/// Removes ANSI escape sequences of the form `ESC [ ... letter`.
+fn strip_ansi(text: &str) -> String {
+    let mut output = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for next in chars.by_ref() {
+                if next.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            output.push(c);
+        }
+    }
+    output
+}
+
+/// Builds a task with default priority and attempts, and no headers.
+pub fn new_task(queue: &str, kind: &str, payload: impl Into<Bytes>) -> NewTask {
+    NewTask {
+        queue: queue.to_string(),
+        kind: kind.to_string(),
+        payload: payload.into(),
+        headers: HashMap::new(),
+        priority: 0,
+        max_attempts: 0,
+    }
+}
+
+/// Enqueues `tasks` in one batch and returns their ids, checking that there is one per
+/// task.
+pub async fn enqueue(
+    client: &mut BrokerClient<Channel>,
+    tasks: Vec<NewTask>,
+) -> Result<Vec<String>> {
+    let count = tasks.len();
+    let response = within(WAIT, "Enqueue", async {
+        Ok(client.enqueue(EnqueueRequest { tasks }).await?)
+    })
+    .await?;
+    let ids = response.into_inner().task_ids;
+    if ids.len() != count {
+        bail!("Enqueue returned {} ids for {count} tasks", ids.len());
+    }
+    Ok(ids)
+}
+
+/// Returns the status of the task `task_id`.
+pub async fn get_task(client: &mut BrokerClient<Channel>, task_id: &str) -> Result<TaskStatus> {
+    let response = within(WAIT, "GetTask", async {
+        Ok(client
+            .get_task(GetTaskRequest {
+                task_id: task_id.to_string(),
+            })
+            .await?)
+    })
+    .await?;
+    response
+        .into_inner()
+        .status
+        .ok_or_else(|| anyhow!("GetTask for {task_id} returned no status"))
+}
+
+/// Polls `GetTask` until the task reaches `state`, and returns its status then.
+pub async fn wait_for_state(
+    client: &mut BrokerClient<Channel>,
+    task_id: &str,
+    state: TaskState,
+) -> Result<TaskStatus> {
+    let description = format!("task {task_id} to reach state {state:?}");
+    within(WAIT, &description, async {
+        loop {
+            let status = get_task(client, task_id).await?;
+            if status.state() == state {
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+/// Acknowledges the lease `lease_id` with `result`.
+pub async fn ack(
+    client: &mut BrokerClient<Channel>,
+    lease_id: &str,
+    result: impl Into<Bytes>,
+) -> Result<(), tonic::Status> {
+    let request = AckRequest {
+        lease_id: lease_id.to_string(),
+        result: result.into(),
+    };
+    match timeout(WAIT, client.ack(request)).await {
+        Ok(response) => response.map(|_| ()),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "Ack of lease {lease_id} timed out after {WAIT:?}"
+        ))),
+    }
+}
+
+/// Fails the attempt under lease `lease_id` and returns the task's new state.
+pub async fn nack(
+    client: &mut BrokerClient<Channel>,
+    lease_id: &str,
+    error: &str,
+) -> Result<TaskState, tonic::Status> {
+    let request = NackRequest {
+        lease_id: lease_id.to_string(),
+        error: error.to_string(),
+    };
+    match timeout(WAIT, client.nack(request)).await {
+        Ok(response) => response.map(|response| response.into_inner().state()),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "Nack of lease {lease_id} timed out after {WAIT:?}"
+        ))),
+    }
+}
+
+/// Converts a duration to the protobuf type.
+pub fn proto_duration(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(duration.as_secs()).expect("duration fits in i64 seconds"),
+        nanos: i32::try_from(duration.subsec_nanos()).expect("nanoseconds fit in i32"),
+    }
+}
+
+/// An open Subscribe stream.
+pub struct Subscription {
+    stream: Streaming<v1::SubscribeResponse>,
+    /// Number of heartbeats received so far, including those skipped while waiting for
+    /// a delivery.
+    pub heartbeats: usize,
+}
+
+impl Subscription {
+    /// Opens a stream on `queues` with `max_in_flight` and an optional lease duration.
+    pub async fn open(
+        client: &mut BrokerClient<Channel>,
+        queues: &[&str],
+        max_in_flight: u32,
+        lease_duration: Option<Duration>,
+    ) -> Result<Self, tonic::Status> {
+        let request = SubscribeRequest {
+            queues: queues.iter().map(|queue| queue.to_string()).collect(),
+            max_in_flight,
+            lease_duration: lease_duration.map(proto_duration),
+        };
+        let stream = match timeout(WAIT, client.subscribe(request)).await {
+            Ok(response) => response?.into_inner(),
+            Err(_) => {
+                return Err(tonic::Status::deadline_exceeded(format!(
+                    "Subscribe timed out after {WAIT:?}"
+                )));
+            }
+        };
+        Ok(Subscription {
+            stream,
+            heartbeats: 0,
+        })
+    }
+
+    /// Waits up to `limit` for the next event, failing if the stream ends or errors.
+    pub async fn next_event(&mut self, limit: Duration) -> Result<Event> {
+        within(limit, "a Subscribe event", async {
+            loop {
+                let message = self
+                    .stream
+                    .message()
+                    .await
+                    .context("Subscribe stream failed")?
+                    .ok_or_else(|| anyhow!("Subscribe stream ended"))?;
+                match message.event {
+                    Some(Event::Heartbeat(heartbeat)) => {
+                        self.heartbeats += 1;
+                        return Ok(Event::Heartbeat(heartbeat));
+                    }
+                    Some(event) => return Ok(event),
+                    // An event kind newer than this client: ignored, as the contract requires.
+                    None => continue,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits up to [`WAIT`] for the next delivery, skipping heartbeats.
+    pub async fn next_delivery(&mut self) -> Result<Delivery> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.next_event(remaining).await {
+                Ok(Event::Delivery(delivery)) => return Ok(delivery),
+                Ok(Event::Heartbeat(_)) => continue,
+                Err(error) => return Err(error.context("no delivery arrived")),
+            }
+        }
+    }
+
+    /// Receives `count` deliveries, each within [`WAIT`].
+    pub async fn next_deliveries(&mut self, count: usize) -> Result<Vec<Delivery>> {
+        let mut deliveries = Vec::with_capacity(count);
+        for received in 0..count {
+            let delivery = self
+                .next_delivery()
+                .await
+                .with_context(|| format!("after {received} of {count} deliveries"))?;
+            deliveries.push(delivery);
+        }
+        Ok(deliveries)
+    }
+
+    /// Watches the stream for `period` and fails if a delivery arrives or the stream
+    /// ends. Heartbeats are allowed.
+    pub async fn expect_no_delivery(&mut self, period: Duration) -> Result<()> {
+        let deadline = Instant::now() + period;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Ok(());
+            }
+            match timeout(remaining, self.stream.message()).await {
+                Err(_) => return Ok(()),
+                Ok(Err(status)) => bail!("Subscribe stream failed: {status}"),
+                Ok(Ok(None)) => bail!("Subscribe stream ended"),
+                Ok(Ok(Some(message))) => match message.event {
+                    Some(Event::Delivery(delivery)) => {
+                        let task_id = delivery.task.map(|task| task.id).unwrap_or_default();
+                        bail!(
+                            "unexpected delivery of task {task_id} (attempt {})",
+                            delivery.attempt
+                        );
+                    }
+                    Some(Event::Heartbeat(_)) => self.heartbeats += 1,
+                    None => {}
+                },
+            }
+        }
+    }
+}
+
+/// Returns the task id of a delivery, failing if the delivery carries no task.
+pub fn delivered_task_id(delivery: &Delivery) -> Result<String> {
+    delivery
+        .task
+        .as_ref()
+        .map(|task| task.id.clone())
+        .ok_or_else(|| anyhow!("delivery with lease {} has no task", delivery.lease_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_addr_parses_tracing_line() {
+        let line = "2025-01-01T00:00:00.000000Z  INFO docket_broker: broker listening \
+                    addr=127.0.0.1:41234 data_dir=/tmp/x";
+        assert_eq!(
+            listening_addr(line),
+            Some(SocketAddr::from(([127, 0, 0, 1], 41234)))
+        );
+    }
+
+    #[test]
+    fn listening_addr_tolerates_ansi_and_quotes() {
+        let line = "\u{1b}[32m INFO\u{1b}[0m broker listening \u{1b}[3maddr\u{1b}[0m\
+                    \u{1b}[2m=\u{1b}[0m\"[::1]:7070\"";
+        assert_eq!(listening_addr(line), Some("[::1]:7070".parse().unwrap()));
+    }
+
+    #[test]
+    fn listening_addr_ignores_other_lines() {
+        assert_eq!(
+            listening_addr("INFO recovering store addr=127.0.0.1:1"),
+            None
+        );
+    }
+}

@@ -37,6 +37,15 @@ pub struct ReadyTask {
     pub task: Arc<v1::Task>,
 }
 
+/// When a settled lease's credit is used for the next delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redeliver {
+    /// At once.
+    Now,
+    /// At the storage writer's next commit.
+    AfterCommit,
+}
+
 /// Identifies one Subscribe stream.
 pub type SubscriberId = u64;
 
@@ -115,10 +124,8 @@ impl Dispatcher {
     }
 
     /// Adds tasks to their queues' ready sets and delivers what subscribers can take.
+    /// Dispatches even when `tasks` is empty, since the caller may have freed credit.
     pub fn make_ready(&self, tasks: Vec<Arc<ReadyTask>>) {
-        if tasks.is_empty() {
-            return;
-        }
         let mut state = self.lock();
         for task in tasks {
             state.insert_ready(task);
@@ -173,15 +180,25 @@ impl Dispatcher {
     /// Settles a live lease for Ack or Nack: removes it, frees the subscriber's credit and
     /// returns the leased task.
     ///
+    /// With `Redeliver::Now` the freed credit is used at once. With `Redeliver::AfterCommit`
+    /// it waits for the storage writer's next dispatch, so that a failed task that becomes
+    /// ready again competes for the credit in its priority order.
+    ///
     /// # Errors
     ///
     /// `LeaseNotLive` if the lease is unknown, expired or already settled.
-    pub fn settle(&self, lease_id: &LeaseId) -> Result<Arc<ReadyTask>, BrokerError> {
+    pub fn settle(
+        &self,
+        lease_id: &LeaseId,
+        redeliver: Redeliver,
+    ) -> Result<Arc<ReadyTask>, BrokerError> {
         let mut state = self.lock();
         let Some(lease) = state.remove_lease(lease_id) else {
             return Err(BrokerError::LeaseNotLive(lease_id.clone()));
         };
-        self.dispatch(&mut state);
+        if redeliver == Redeliver::Now {
+            self.dispatch(&mut state);
+        }
         Ok(lease.task)
     }
 

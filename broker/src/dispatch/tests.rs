@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 use docket_proto::v1::{self, SubscribeResponse, subscribe_response::Event};
 use tokio::sync::mpsc;
 
-use super::{Dispatcher, ReadyTask, Subscription};
+use super::{Dispatcher, ReadyTask, Redeliver, Subscription};
 use crate::task::{LeaseId, QueueName, TaskId};
 
 fn queue(name: &str) -> QueueName {
@@ -85,7 +85,9 @@ fn never_exceeds_max_in_flight() {
     let first = drain(&mut receiver);
     assert_eq!(first.len(), 3, "credit of 3 allows 3 deliveries");
 
-    dispatcher.settle(&lease(&first[0])).expect("lease is live");
+    dispatcher
+        .settle(&lease(&first[0]), Redeliver::Now)
+        .expect("lease is live");
     let second = drain(&mut receiver);
     assert_eq!(
         second.len(),
@@ -116,9 +118,11 @@ fn settled_lease_is_not_live_again() {
     let (_, mut receiver) = dispatcher.subscribe(subscription(&["q"], 1));
     let delivery = drain(&mut receiver).remove(0);
 
-    assert!(dispatcher.settle(&lease(&delivery)).is_ok());
+    assert!(dispatcher.settle(&lease(&delivery), Redeliver::Now).is_ok());
     assert!(
-        dispatcher.settle(&lease(&delivery)).is_err(),
+        dispatcher
+            .settle(&lease(&delivery), Redeliver::Now)
+            .is_err(),
         "a second settle must fail"
     );
 }
@@ -139,7 +143,9 @@ fn expired_lease_returns_task_and_frees_credit() {
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].task.id, delivery.task.as_ref().expect("task").id);
     assert!(
-        dispatcher.settle(&lease(&delivery)).is_err(),
+        dispatcher
+            .settle(&lease(&delivery), Redeliver::Now)
+            .is_err(),
         "an expired lease must not settle"
     );
     assert_eq!(
