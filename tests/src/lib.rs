@@ -2,9 +2,8 @@
 //! it over gRPC.
 //!
 //! The harness finds binaries in the Cargo target directory of the test executable and
-//! never builds them. Run `cargo build --workspace --bins` before the tests; the
-//! `email_campaign` example is built by `cargo test --workspace`. The harness stops
-//! processes with Unix signals, so it runs on Unix only.
+//! never builds them: run `cargo build --workspace --bins --examples` before the tests.
+//! It stops processes with Unix signals, so it runs on Unix only.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -81,7 +80,7 @@ pub fn broker_binary() -> PathBuf {
     let path = profile_dir().join(format!("docket-broker{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.is_file(),
-        "broker binary {} not found: run `cargo build --workspace --bins` first",
+        "broker binary {} not found: run `cargo build --workspace --bins --examples` first",
         path.display()
     );
     path
@@ -95,8 +94,7 @@ pub fn example_binary(name: &str) -> PathBuf {
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.is_file(),
-        "example binary {} not found: run `cargo test --workspace` or \
-         `cargo build --workspace --examples` first",
+        "example binary {} not found: run `cargo build --workspace --bins --examples` first",
         path.display()
     );
     path
