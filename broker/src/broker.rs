@@ -4,26 +4,50 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use docket_proto::storage::TaskRecordState;
-use docket_proto::v1;
+use docket_proto::storage::QueueSettingsRecord;
+use docket_proto::v1::{self, TaskState};
 use prost::bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{Dispatcher, ReadyTask, Redeliver, SubscriberId, Subscription};
+use crate::dispatch::{
+    Dispatcher, QueueCounts, Redeliver, SettledLease, SubscriberId, Subscription,
+};
 use crate::error::{BrokerError, StoreError};
-use crate::store::writer::{WriteOp, WriterHandle};
-use crate::store::{Store, timestamp_from_micros};
-use crate::task::{LeaseId, Limits, NewTask, TaskId, truncate_error_message};
+use crate::settings::{QueueSettings, SettingsCache};
+use crate::store::writer::{
+    DEAD_BATCH, DeadSelection, Enqueued, Failure, Reply, SettingsUpdate, SettleOutcome, WriteOp,
+    WriterHandle,
+};
+use crate::store::{Store, now_micros, status_of};
+use crate::task::{LeaseId, Limits, NewTask, QueueName, TaskId};
 
 /// Error stored on a task whose Subscribe stream closed while it held the lease.
 pub const STREAM_CLOSED: &str = "worker stream closed while the task was leased";
 
-/// The broker: store, writer and dispatcher behind one handle, shared by every RPC.
+/// One Ack in a batch, after its fields were parsed.
+pub struct AckItem {
+    /// The lease, or why its id is malformed.
+    pub lease_id: Result<LeaseId, BrokerError>,
+    /// Result to store.
+    pub result: Bytes,
+}
+
+/// One Nack in a batch, after its fields were parsed.
+pub struct NackItem {
+    /// The lease, or why its id is malformed.
+    pub lease_id: Result<LeaseId, BrokerError>,
+    /// Error and retry instructions.
+    pub failure: Failure,
+}
+
+/// The broker: store, writer, dispatcher and settings behind one handle, shared by every
+/// RPC.
 pub struct Broker {
     pub(crate) dispatcher: Arc<Dispatcher>,
     writer: WriterHandle,
     store: Arc<Store>,
+    settings: SettingsCache,
     pub(crate) limits: Limits,
     heartbeat_interval: Duration,
     pub(crate) shutdown: CancellationToken,
@@ -34,6 +58,7 @@ impl Broker {
         dispatcher: Arc<Dispatcher>,
         writer: WriterHandle,
         store: Arc<Store>,
+        settings: SettingsCache,
         limits: Limits,
         heartbeat_interval: Duration,
         shutdown: CancellationToken,
@@ -42,23 +67,24 @@ impl Broker {
             dispatcher,
             writer,
             store,
+            settings,
             limits,
             heartbeat_interval,
             shutdown,
         }
     }
 
-    /// Stores a validated batch and returns the new ids, in order, once it is durable.
+    /// Stores a validated batch and returns one entry per task, in order, once it is
+    /// durable.
     ///
     /// # Errors
     ///
     /// `ShuttingDown` once shutdown has begun; `Store` if the commit failed, in which case
     /// nothing of the batch was stored.
-    pub async fn enqueue(&self, tasks: Vec<NewTask>) -> Result<Vec<TaskId>, BrokerError> {
+    pub async fn enqueue(&self, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>, BrokerError> {
         self.ensure_running()?;
-        let (reply, response) = oneshot::channel();
-        self.write(WriteOp::Enqueue { tasks, reply }).await?;
-        Ok(response.await.map_err(|_| StoreError::WriterStopped)??)
+        self.request(|reply| WriteOp::Enqueue { tasks, reply })
+            .await
     }
 
     /// Registers a Subscribe stream.
@@ -81,68 +107,112 @@ impl Broker {
             leases = released.len(),
             "stream closed while holding leases"
         );
-        for task in released {
-            self.record_failure_in_background(task, STREAM_CLOSED);
+        for settled in released {
+            self.record_failure_in_background(settled, STREAM_CLOSED);
         }
     }
 
-    /// Completes the task under a live lease, storing `result`.
+    /// Completes the tasks under live leases. Each item succeeds or fails on its own.
     ///
     /// # Errors
     ///
-    /// `InvalidArgument` for an oversize result, `LeaseNotLive` for an unknown, expired
-    /// or settled lease, `Store` if the commit failed (the task is then offered again).
-    pub async fn ack(&self, lease_id: LeaseId, result: Bytes) -> Result<(), BrokerError> {
-        if result.len() > self.limits.max_result_bytes {
+    /// `ShuttingDown` once shutdown has begun. Per item: `InvalidArgument` for a malformed
+    /// lease id or an oversize result, `LeaseNotLive` for an unknown, expired or settled
+    /// lease, `Store` if the commit failed (the task is then offered again).
+    pub async fn ack(
+        &self,
+        items: Vec<AckItem>,
+    ) -> Result<Vec<Result<SettleOutcome, BrokerError>>, BrokerError> {
+        self.ensure_running()?;
+        let mut pending = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            pending.push(self.start_ack(index, item).await);
+        }
+        Ok(wait_all(pending).await)
+    }
+
+    async fn start_ack(
+        &self,
+        index: usize,
+        item: AckItem,
+    ) -> Result<oneshot::Receiver<Result<SettleOutcome, BrokerError>>, BrokerError> {
+        let lease_id = item.lease_id?;
+        if item.result.len() > self.limits.max_result_bytes {
             return Err(BrokerError::invalid(
-                "result",
+                format!("acks[{index}].result"),
                 format!(
                     "result of {} bytes exceeds the limit of {} bytes",
-                    result.len(),
+                    item.result.len(),
                     self.limits.max_result_bytes
                 ),
             ));
         }
-        self.ensure_running()?;
-        let task = self.dispatcher.settle(&lease_id, Redeliver::Now)?;
-        tracing::debug!(task_id = %task.id, %lease_id, "ack");
+        let settled = self.dispatcher.settle(&lease_id, Redeliver::Now)?;
+        tracing::debug!(task_id = %settled.task.id, %lease_id, "ack");
         let (reply, response) = oneshot::channel();
-        self.write(WriteOp::Complete {
-            task,
-            result,
-            reply,
-        })
-        .await?;
-        Ok(response.await.map_err(|_| StoreError::WriterStopped)??)
+        self.writer
+            .send(WriteOp::Complete {
+                settled,
+                result: item.result,
+                reply,
+            })
+            .await?;
+        Ok(response)
     }
 
-    /// Fails the attempt under a live lease and returns the task's new stored state:
-    /// pending if it will be offered again, dead after its last attempt.
+    /// Fails the attempts under live leases. Each item succeeds or fails on its own.
     ///
     /// # Errors
     ///
-    /// `LeaseNotLive` for an unknown, expired or settled lease, `Store` if the commit
-    /// failed (the task is then offered again).
+    /// `ShuttingDown` once shutdown has begun. Per item: `InvalidArgument` for a malformed
+    /// lease id, `LeaseNotLive` for an unknown, expired or settled lease, `Store` if the
+    /// commit failed (the task is then offered again).
     pub async fn nack(
         &self,
-        lease_id: LeaseId,
-        error: String,
-    ) -> Result<TaskRecordState, BrokerError> {
+        items: Vec<NackItem>,
+    ) -> Result<Vec<Result<SettleOutcome, BrokerError>>, BrokerError> {
         self.ensure_running()?;
-        let task = self.dispatcher.settle(&lease_id, Redeliver::AfterCommit)?;
-        tracing::debug!(task_id = %task.id, %lease_id, "nack");
-        let (reply, response) = oneshot::channel();
-        let error = truncate_error_message(error);
-        self.write(WriteOp::Fail {
-            task,
-            error,
-            reply: Some(reply),
-        })
-        .await?;
-        Ok(response.await.map_err(|_| StoreError::WriterStopped)??)
+        let mut pending = Vec::with_capacity(items.len());
+        for item in items {
+            pending.push(self.start_nack(item).await);
+        }
+        Ok(wait_all(pending).await)
     }
 
-    /// Returns a task with its state and progress.
+    async fn start_nack(
+        &self,
+        item: NackItem,
+    ) -> Result<oneshot::Receiver<Result<SettleOutcome, BrokerError>>, BrokerError> {
+        let lease_id = item.lease_id?;
+        let settled = self.dispatcher.settle(&lease_id, Redeliver::AfterCommit)?;
+        tracing::debug!(task_id = %settled.task.id, %lease_id, "nack");
+        let (reply, response) = oneshot::channel();
+        self.writer
+            .send(WriteOp::Fail {
+                settled,
+                failure: item.failure,
+                reply: Some(reply),
+            })
+            .await?;
+        Ok(response)
+    }
+
+    /// Moves a live lease's deadline to `extension` from now. Returns the new deadline and
+    /// whether the task was cancelled meanwhile.
+    ///
+    /// # Errors
+    ///
+    /// `LeaseNotLive` for an unknown, expired or settled lease.
+    pub fn extend_lease(
+        &self,
+        lease_id: &LeaseId,
+        extension: Duration,
+    ) -> Result<(std::time::SystemTime, bool), BrokerError> {
+        self.ensure_running()?;
+        self.dispatcher.extend(lease_id, extension)
+    }
+
+    /// Returns a task with its state, history and result.
     ///
     /// # Errors
     ///
@@ -154,35 +224,185 @@ impl Broker {
         let Some(record) = record else {
             return Err(BrokerError::TaskNotFound(task_id));
         };
+        let lease = self.dispatcher.lease_of(task_id);
+        Ok(status_of(task_id, &record, lease.as_ref()))
+    }
 
-        let lease_deadline = self.dispatcher.lease_deadline(task_id);
-        let state = match (record.state(), lease_deadline) {
-            (TaskRecordState::Pending, Some(_)) => v1::TaskState::Leased,
-            (TaskRecordState::Pending, None) => v1::TaskState::Pending,
-            (TaskRecordState::Succeeded, _) => v1::TaskState::Succeeded,
-            (TaskRecordState::Dead, _) => v1::TaskState::Dead,
-            (TaskRecordState::Unspecified, _) => v1::TaskState::Unspecified,
+    /// Cancels a task. Returns CANCELLED, or LEASED if its worker was told to stop.
+    ///
+    /// # Errors
+    ///
+    /// `TaskNotFound` for an unknown id, `TaskFinal` for a task already in a final state.
+    pub async fn cancel_task(&self, task_id: TaskId) -> Result<TaskState, BrokerError> {
+        self.ensure_running()?;
+        self.request(|reply| WriteOp::Cancel { task_id, reply })
+            .await
+    }
+
+    /// Returns a queue's counts.
+    pub fn queue_stats(&self, queue: &QueueName) -> v1::QueueStats {
+        let counts = self.dispatcher.counts(queue);
+        queue_stats(queue, counts, self.settings.get(queue).paused)
+    }
+
+    /// Returns every queue that has tasks or stored settings, by name.
+    pub fn list_queues(&self) -> Vec<v1::QueueStats> {
+        let mut names = self.dispatcher.queue_names();
+        names.extend(self.settings.queues());
+        names.sort();
+        names.dedup();
+        names.iter().map(|queue| self.queue_stats(queue)).collect()
+    }
+
+    /// Pauses or resumes deliveries from a queue.
+    ///
+    /// # Errors
+    ///
+    /// `Store` if the commit failed.
+    pub async fn set_paused(&self, queue: QueueName, paused: bool) -> Result<(), BrokerError> {
+        self.ensure_running()?;
+        let update = SettingsUpdate {
+            paused: Some(paused),
+            ..SettingsUpdate::default()
         };
-        Ok(v1::TaskStatus {
-            task: Some(v1::Task {
-                id: task_id.to_string(),
-                queue: record.queue,
-                kind: record.kind,
-                payload: record.payload,
-                headers: record.headers,
-                priority: record.priority,
-                max_attempts: record.max_attempts,
-                created_at: Some(timestamp_from_micros(record.created_at_us)),
-            }),
-            state: state.into(),
-            attempts: record.attempts,
-            last_error: record.last_error,
-            result: record.result,
-            updated_at: Some(timestamp_from_micros(record.updated_at_us)),
-            lease_deadline: lease_deadline
-                .filter(|_| state == v1::TaskState::Leased)
-                .map(Into::into),
+        self.request(|reply| WriteOp::UpdateSettings {
+            queue,
+            update,
+            reply,
         })
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes every pending and retry-waiting task of a queue. Returns how many.
+    ///
+    /// # Errors
+    ///
+    /// `Store` if the commit failed; the tasks are then deliverable again.
+    pub async fn purge_queue(&self, queue: &QueueName) -> Result<u64, BrokerError> {
+        self.ensure_running()?;
+        let tasks = self.dispatcher.take_pending(queue);
+        if tasks.is_empty() {
+            return Ok(0);
+        }
+        self.request(|reply| WriteOp::PurgeQueue { tasks, reply })
+            .await
+    }
+
+    /// Returns a queue's settings with the defaults filled in.
+    pub fn queue_settings(&self, queue: &QueueName) -> QueueSettings {
+        self.settings.get(queue)
+    }
+
+    /// Changes a queue's stored settings and returns them with the defaults filled in.
+    ///
+    /// # Errors
+    ///
+    /// `Store` if the commit failed.
+    pub async fn update_queue_settings(
+        &self,
+        queue: QueueName,
+        patch: QueueSettingsRecord,
+    ) -> Result<QueueSettings, BrokerError> {
+        self.ensure_running()?;
+        let update = SettingsUpdate {
+            patch,
+            paused: None,
+        };
+        let stored = self
+            .request(|reply| WriteOp::UpdateSettings {
+                queue: queue.clone(),
+                update,
+                reply,
+            })
+            .await?;
+        Ok(self.settings.defaults().resolve(Some(&stored)))
+    }
+
+    /// Returns one page of a queue's dead tasks and the position after its last entry if
+    /// more may follow.
+    ///
+    /// # Errors
+    ///
+    /// `Store` if the read failed.
+    pub async fn list_dead(
+        &self,
+        queue: QueueName,
+        after: Option<(i64, u128)>,
+        page_size: usize,
+    ) -> Result<(Vec<v1::TaskStatus>, Option<(i64, u128)>), BrokerError> {
+        let store = Arc::clone(&self.store);
+        let read =
+            tokio::task::spawn_blocking(move || store.read_dead_page(&queue, after, page_size));
+        let (page, next) = read.await.map_err(|_| StoreError::WriterStopped)??;
+        let statuses = page
+            .iter()
+            .map(|(task_id, record)| status_of(*task_id, record, None))
+            .collect();
+        Ok((statuses, next))
+    }
+
+    /// Makes dead tasks pending again with their attempts reset. Returns how many.
+    ///
+    /// # Errors
+    ///
+    /// `Store` if a commit failed; the tasks requeued before it stay requeued.
+    pub async fn requeue_dead(
+        &self,
+        queue: QueueName,
+        selection: DeadSelection,
+    ) -> Result<u64, BrokerError> {
+        self.ensure_running()?;
+        self.change_dead(queue, selection, |queue, selection, reply| {
+            WriteOp::RequeueDead {
+                queue,
+                selection,
+                reply,
+            }
+        })
+        .await
+    }
+
+    /// Deletes dead tasks. Returns how many.
+    ///
+    /// # Errors
+    ///
+    /// `Store` if a commit failed; the tasks deleted before it stay deleted.
+    pub async fn delete_dead(
+        &self,
+        queue: QueueName,
+        selection: DeadSelection,
+    ) -> Result<u64, BrokerError> {
+        self.ensure_running()?;
+        self.change_dead(queue, selection, |queue, selection, reply| {
+            WriteOp::DeleteDead {
+                queue,
+                selection,
+                reply,
+            }
+        })
+        .await
+    }
+
+    /// Sends dead-task requests until a request for all of a queue's dead tasks finds
+    /// fewer than a full batch.
+    async fn change_dead(
+        &self,
+        queue: QueueName,
+        selection: DeadSelection,
+        make_op: impl Fn(QueueName, DeadSelection, Reply<u64>) -> WriteOp,
+    ) -> Result<u64, BrokerError> {
+        let mut total = 0;
+        loop {
+            let all = matches!(selection, DeadSelection::All);
+            let changed = self
+                .request(|reply| make_op(queue.clone(), selection.clone(), reply))
+                .await?;
+            total += changed;
+            if !all || changed < DEAD_BATCH as u64 {
+                return Ok(total);
+            }
+        }
     }
 
     /// Heartbeat period of Subscribe streams.
@@ -190,32 +410,74 @@ impl Broker {
         self.heartbeat_interval
     }
 
-    fn ensure_running(&self) -> Result<(), BrokerError> {
+    pub(crate) fn ensure_running(&self) -> Result<(), BrokerError> {
         if self.shutdown.is_cancelled() {
             return Err(BrokerError::ShuttingDown);
         }
         Ok(())
     }
 
-    async fn write(&self, op: WriteOp) -> Result<(), BrokerError> {
-        self.writer.send(op).await.map_err(BrokerError::from)
+    /// Sends a request to the writer and waits for its durable outcome.
+    async fn request<T>(
+        &self,
+        make_op: impl FnOnce(Reply<T>) -> WriteOp,
+    ) -> Result<T, BrokerError> {
+        let (reply, response) = oneshot::channel();
+        self.writer.send(make_op(reply)).await?;
+        response.await.map_err(|_| StoreError::WriterStopped)?
     }
 
-    fn record_failure_in_background(&self, task: Arc<ReadyTask>, error: &str) {
+    fn record_failure_in_background(&self, settled: SettledLease, error: &str) {
         let op = WriteOp::Fail {
-            task,
-            error: error.to_owned(),
+            settled,
+            failure: Failure::released(error),
             reply: None,
         };
         if let Err(op) = self.writer.try_send(op) {
             let writer = self.writer.clone();
             tokio::spawn(async move {
-                if writer.send(op).await.is_err() {
+                if writer.send(*op).await.is_err() {
                     tracing::warn!(
                         "storage writer stopped before a released lease was recorded; the task is offered again after restart"
                     );
                 }
             });
         }
+    }
+}
+
+/// Waits for every started request of a batch, in order.
+async fn wait_all(
+    pending: Vec<Result<oneshot::Receiver<Result<SettleOutcome, BrokerError>>, BrokerError>>,
+) -> Vec<Result<SettleOutcome, BrokerError>> {
+    let mut outcomes = Vec::with_capacity(pending.len());
+    for started in pending {
+        let outcome = match started {
+            Ok(response) => response
+                .await
+                .unwrap_or(Err(BrokerError::Store(StoreError::WriterStopped))),
+            Err(err) => Err(err),
+        };
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+/// Builds the wire stats of a queue from its counts.
+pub fn queue_stats(queue: &QueueName, counts: QueueCounts, paused: bool) -> v1::QueueStats {
+    let oldest_pending_age = counts.oldest_pending_us.map(|created_us| {
+        let age_us = u64::try_from(now_micros().saturating_sub(created_us)).unwrap_or(0);
+        prost_types::Duration::try_from(Duration::from_micros(age_us)).unwrap_or_default()
+    });
+    v1::QueueStats {
+        queue: queue.as_str().to_owned(),
+        pending: counts.pending,
+        retry_wait: counts.retry_wait,
+        leased: counts.leased,
+        dead: counts.dead,
+        succeeded: counts.succeeded,
+        cancelled: counts.cancelled,
+        oldest_pending_age: Some(oldest_pending_age.unwrap_or_default()),
+        paused: paused || counts.paused,
     }
 }

@@ -54,6 +54,42 @@ pub struct Config {
     #[arg(long, env = "DOCKET_DEFAULT_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=MAX_ATTEMPTS_LIMIT as i64))]
     pub default_max_attempts: u32,
 
+    /// Delay after a task's first failed attempt, when neither the task nor its queue sets
+    /// a retry policy.
+    #[arg(long, env = "DOCKET_RETRY_INITIAL_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    pub retry_initial_backoff: Duration,
+
+    /// Growth factor of the retry delay per failed attempt, from 1.0 to 10.0.
+    #[arg(long, env = "DOCKET_RETRY_MULTIPLIER", default_value_t = 2.0)]
+    pub retry_multiplier: f64,
+
+    /// Maximum retry delay.
+    #[arg(long, env = "DOCKET_RETRY_MAX_BACKOFF", default_value = "10m", value_parser = parse_duration)]
+    pub retry_max_backoff: Duration,
+
+    /// Maximum fraction, from 0.0 to 1.0, by which a retry delay is randomly shortened.
+    #[arg(long, env = "DOCKET_RETRY_JITTER", default_value_t = 0.2)]
+    pub retry_jitter: f64,
+
+    /// Time that succeeded and cancelled tasks are kept before they are purged, for queues
+    /// without their own setting.
+    #[arg(long, env = "DOCKET_RETENTION", default_value = "7days", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Time that dead tasks are kept before they are purged, for queues without their own
+    /// setting.
+    #[arg(long, env = "DOCKET_DEAD_RETENTION", default_value = "30days", value_parser = parse_duration)]
+    pub dead_retention: Duration,
+
+    /// Time that an idempotency key blocks a second task with the same key, for queues
+    /// without their own setting.
+    #[arg(long, env = "DOCKET_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_window: Duration,
+
+    /// Interval between purges of expired tasks and idempotency keys.
+    #[arg(long, env = "DOCKET_PURGE_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub purge_interval: Duration,
+
     /// Maximum size of one gRPC message that the broker accepts, in bytes.
     #[arg(long, env = "DOCKET_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -72,7 +108,7 @@ pub struct Config {
 }
 
 /// Upper bound on any task's maximum attempts.
-pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
 
 impl Config {
     /// Returns a configuration with every default, serving `listen` and storing in `data_dir`.

@@ -18,6 +18,15 @@ pub enum BrokerError {
     #[error("task {0} not found")]
     TaskNotFound(TaskId),
 
+    /// The task is already in a final state, so it cannot change.
+    #[error("task {task_id} is already {state}")]
+    TaskFinal {
+        /// The task.
+        task_id: TaskId,
+        /// Its final state's wire name.
+        state: &'static str,
+    },
+
     /// The lease is unknown, expired or already settled.
     #[error("lease {0} is not live: it is unknown, expired or already settled")]
     LeaseNotLive(LeaseId),
@@ -57,9 +66,23 @@ pub enum StoreError {
         source: prost::DecodeError,
     },
 
-    /// A record that the broker's memory refers to is missing from the store.
-    #[error("task {0} is missing from the store")]
-    Missing(TaskId),
+    /// A stored record contradicts the rules that every write keeps.
+    #[error("stored record of task {task_id} is damaged: {message}")]
+    Corrupt {
+        /// Key of the record.
+        task_id: TaskId,
+        /// What is inconsistent.
+        message: String,
+    },
+
+    /// Stored queue settings could not be decoded.
+    #[error("stored settings of queue {queue:?} could not be decoded: {source}")]
+    DecodeSettings {
+        /// The queue.
+        queue: String,
+        /// Decoder error.
+        source: prost::DecodeError,
+    },
 
     /// The data folder could not be created.
     #[error("cannot create data folder {path}: {source}")]

@@ -10,6 +10,8 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
+pub mod retry;
+pub mod settings;
 pub mod store;
 pub mod task;
 
@@ -28,6 +30,8 @@ use tonic_health::ServingStatus;
 pub use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::error::StoreError;
+use crate::retry::RetryPolicy;
+use crate::settings::{Defaults, SettingsCache};
 use crate::store::Store;
 use crate::task::Limits;
 
@@ -78,11 +82,25 @@ pub enum ServeError {
 /// server fails.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
     let started = std::time::Instant::now();
+    let defaults = Defaults {
+        max_attempts: config.default_max_attempts,
+        retry_policy: RetryPolicy {
+            initial_backoff: config.retry_initial_backoff,
+            multiplier: config.retry_multiplier,
+            max_backoff: config.retry_max_backoff,
+            jitter: config.retry_jitter,
+        },
+        lease_duration: config.lease_duration,
+        retention: config.retention,
+        dead_retention: config.dead_retention,
+        idempotency_window: config.idempotency_window,
+    };
     let data_dir = config.data_dir.clone();
     let path = config.database_path();
+    let recovery_defaults = defaults.clone();
     let (store, recovered) = tokio::task::spawn_blocking(move || {
         let store = Store::open(&data_dir, &path)?;
-        let recovered = store.recover()?;
+        let recovered = store.recover(&recovery_defaults)?;
         Ok::<_, StoreError>((store, recovered))
     })
     .await
@@ -90,16 +108,21 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     let store = Arc::new(store);
     tracing::info!(
         path = %config.database_path().display(),
-        pending = recovered.pending.len(),
+        deliverable = recovered.deliverable,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "store recovered"
     );
 
-    let dispatcher = Arc::new(Dispatcher::default());
-    dispatcher.make_ready(recovered.pending);
+    let settings = SettingsCache::new(defaults, recovered.settings);
+    let dispatcher = Arc::new(Dispatcher::new({
+        let settings = settings.clone();
+        move |queue| settings.get(queue).lease_duration
+    }));
+    dispatcher.apply(recovered.effects);
     let (writer, writer_thread) = store::writer::spawn(
         Arc::clone(&store),
         Arc::clone(&dispatcher),
+        settings.clone(),
         recovered.next_sequence,
         config.write_queue_capacity,
         config.max_commit_batch,
@@ -110,22 +133,30 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         max_payload_bytes: config.max_payload_bytes,
         max_result_bytes: config.max_result_bytes,
         max_batch_size: config.max_batch_size,
-        default_max_attempts: config.default_max_attempts,
         max_in_flight: config.max_in_flight,
-        default_lease_duration: config.lease_duration,
         max_lease_duration: config.max_lease_duration,
     };
     let broker = Arc::new(broker::Broker::new(
         Arc::clone(&dispatcher),
         writer.clone(),
         store,
+        settings,
         limits,
         config.heartbeat_interval,
         shutdown.clone(),
     ));
 
     let tasks = TaskTracker::new();
-    tasks.spawn(dispatch::expiry::run(dispatcher, writer, shutdown.clone()));
+    tasks.spawn(dispatch::timers::run_leases_and_retries(
+        dispatcher,
+        writer.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(dispatch::timers::run_purge(
+        writer,
+        config.purge_interval,
+        shutdown.clone(),
+    ));
 
     let listener = TcpListener::bind(config.listen)
         .await

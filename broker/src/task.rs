@@ -10,12 +10,16 @@ use uuid::Uuid;
 
 use crate::config::MAX_ATTEMPTS_LIMIT;
 use crate::error::BrokerError;
+use crate::retry::RetryPolicy;
 
 /// Maximum length of a queue name or task kind, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 
 /// Maximum size of all header keys and values of one task together, in bytes.
 pub const MAX_HEADERS_BYTES: usize = 16 * 1024;
+
+/// Maximum length of an idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
 /// Nack error messages longer than this many bytes are truncated before they are stored.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
@@ -134,13 +138,9 @@ pub struct Limits {
     pub max_result_bytes: usize,
     /// Maximum number of tasks in one Enqueue.
     pub max_batch_size: usize,
-    /// Maximum attempts for a task that sets none.
-    pub default_max_attempts: u32,
     /// Maximum `max_in_flight` of a Subscribe stream.
     pub max_in_flight: u32,
-    /// Lease length when a Subscribe request sets none.
-    pub default_lease_duration: Duration,
-    /// Maximum lease length a Subscribe request may ask for.
+    /// Maximum lease length a Subscribe request or ExtendLease may ask for.
     pub max_lease_duration: Duration,
 }
 
@@ -157,8 +157,12 @@ pub struct NewTask {
     pub headers: HashMap<String, String>,
     /// Delivery priority; higher first.
     pub priority: i32,
-    /// Maximum attempts, at least 1.
-    pub max_attempts: u32,
+    /// Maximum attempts, at least 1; `None` takes the queue's default.
+    pub max_attempts: Option<u32>,
+    /// Backoff between attempts; `None` takes the queue's default.
+    pub retry_policy: Option<RetryPolicy>,
+    /// Key that makes the enqueue idempotent within the queue's window.
+    pub idempotency_key: Option<String>,
 }
 
 impl NewTask {
@@ -184,14 +188,30 @@ impl NewTask {
         }
         validate_headers(&field("headers"), &task.headers)?;
         let max_attempts = match task.max_attempts {
-            0 => limits.default_max_attempts,
+            0 => None,
             n if n > MAX_ATTEMPTS_LIMIT => {
                 return Err(BrokerError::invalid(
                     field("max_attempts"),
                     format!("max_attempts {n} exceeds the limit of {MAX_ATTEMPTS_LIMIT}"),
                 ));
             }
-            n => n,
+            n => Some(n),
+        };
+        let retry_policy = match &task.retry_policy {
+            Some(policy) => Some(RetryPolicy::validate(&field("retry_policy"), policy)?),
+            None => None,
+        };
+        let idempotency_key = match task.idempotency_key.as_str() {
+            "" => None,
+            key if key.len() > MAX_IDEMPOTENCY_KEY_LEN || key.chars().any(char::is_control) => {
+                return Err(BrokerError::invalid(
+                    field("idempotency_key"),
+                    format!(
+                        "invalid idempotency key {key:?}: use at most {MAX_IDEMPOTENCY_KEY_LEN} bytes without control characters"
+                    ),
+                ));
+            }
+            key => Some(key.to_owned()),
         };
 
         Ok(NewTask {
@@ -201,6 +221,8 @@ impl NewTask {
             headers: task.headers,
             priority: task.priority,
             max_attempts,
+            retry_policy,
+            idempotency_key,
         })
     }
 }

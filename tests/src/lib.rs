@@ -190,6 +190,7 @@ impl BrokerProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra_args)
+            .args(default_retry_args(extra_args))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -438,6 +439,16 @@ fn strip_ansi(text: &str) -> String {
     output
 }
 
+/// Returns flags that make a failed task ready again at once, unless `extra_args` sets
+/// a retry backoff itself. Tests that do not test backoff then need not wait for it.
+fn default_retry_args(extra_args: &[&str]) -> Vec<&'static str> {
+    let sets_backoff = extra_args.iter().any(|arg| arg.starts_with("--retry-"));
+    if sets_backoff {
+        return Vec::new();
+    }
+    vec!["--retry-initial-backoff", "0s", "--retry-max-backoff", "0s"]
+}
+
 /// Builds a task with default priority and attempts, and no headers.
 pub fn new_task(queue: &str, kind: &str, payload: impl Into<Bytes>) -> NewTask {
     NewTask {
@@ -447,6 +458,7 @@ pub fn new_task(queue: &str, kind: &str, payload: impl Into<Bytes>) -> NewTask {
         headers: HashMap::new(),
         priority: 0,
         max_attempts: 0,
+        ..NewTask::default()
     }
 }
 
@@ -503,40 +515,64 @@ pub async fn wait_for_state(
     .await
 }
 
-/// Acknowledges the lease `lease_id` with `result`.
+/// Acknowledges the lease `lease_id` with `result`. The item's own result, if it is not
+/// OK, is returned as a status.
 pub async fn ack(
     client: &mut BrokerClient<Channel>,
     lease_id: &str,
     result: impl Into<Bytes>,
 ) -> Result<(), tonic::Status> {
     let request = AckRequest {
-        lease_id: lease_id.to_string(),
-        result: result.into(),
+        acks: vec![v1::Acknowledgement {
+            lease_id: lease_id.to_string(),
+            result: result.into(),
+        }],
     };
     match timeout(WAIT, client.ack(request)).await {
-        Ok(response) => response.map(|_| ()),
+        Ok(response) => single_result(response?.into_inner().results).map(|_| ()),
         Err(_) => Err(tonic::Status::deadline_exceeded(format!(
             "Ack of lease {lease_id} timed out after {WAIT:?}"
         ))),
     }
 }
 
-/// Fails the attempt under lease `lease_id` and returns the task's new state.
+/// Fails the attempt under lease `lease_id` and returns the task's new state. The item's
+/// own result, if it is not OK, is returned as a status.
 pub async fn nack(
     client: &mut BrokerClient<Channel>,
     lease_id: &str,
     error: &str,
 ) -> Result<TaskState, tonic::Status> {
     let request = NackRequest {
-        lease_id: lease_id.to_string(),
-        error: error.to_string(),
+        nacks: vec![v1::NegativeAcknowledgement {
+            lease_id: lease_id.to_string(),
+            error: error.to_string(),
+            ..Default::default()
+        }],
     };
     match timeout(WAIT, client.nack(request)).await {
-        Ok(response) => response.map(|response| response.into_inner().state()),
+        Ok(response) => single_result(response?.into_inner().results).map(|result| result.state()),
         Err(_) => Err(tonic::Status::deadline_exceeded(format!(
             "Nack of lease {lease_id} timed out after {WAIT:?}"
         ))),
     }
+}
+
+/// Returns the one result of a single-item Ack or Nack, or its error as a status.
+pub fn single_result(results: Vec<v1::SettleResult>) -> Result<v1::SettleResult, tonic::Status> {
+    let count = results.len();
+    let Some(result) = results.into_iter().next().filter(|_| count == 1) else {
+        return Err(tonic::Status::internal(format!(
+            "expected one settle result, got {count}"
+        )));
+    };
+    if result.code != tonic::Code::Ok as i32 {
+        return Err(tonic::Status::new(
+            tonic::Code::from_i32(result.code),
+            result.message,
+        ));
+    }
+    Ok(result)
 }
 
 /// Converts a duration to the protobuf type.
@@ -567,6 +603,7 @@ impl Subscription {
             queues: queues.iter().map(|queue| queue.to_string()).collect(),
             max_in_flight,
             lease_duration: lease_duration.map(proto_duration),
+            weights: HashMap::new(),
         };
         let stream = match timeout(WAIT, client.subscribe(request)).await {
             Ok(response) => response?.into_inner(),
@@ -613,7 +650,7 @@ impl Subscription {
             let remaining = deadline.saturating_duration_since(Instant::now());
             match self.next_event(remaining).await {
                 Ok(Event::Delivery(delivery)) => return Ok(delivery),
-                Ok(Event::Heartbeat(_)) => continue,
+                Ok(Event::Heartbeat(_) | Event::CancelNotice(_)) => continue,
                 Err(error) => return Err(error.context("no delivery arrived")),
             }
         }
@@ -654,7 +691,7 @@ impl Subscription {
                         );
                     }
                     Some(Event::Heartbeat(_)) => self.heartbeats += 1,
-                    None => {}
+                    Some(Event::CancelNotice(_)) | None => {}
                 },
             }
         }

@@ -88,6 +88,7 @@ fn subscribe_request(queues: &[&str], max_in_flight: u32) -> SubscribeRequest {
         queues: queues.iter().map(|queue| queue.to_string()).collect(),
         max_in_flight,
         lease_duration: None,
+        weights: Default::default(),
     }
 }
 
@@ -349,29 +350,28 @@ async fn invalid_task_and_lease_ids_rejected() -> Result<()> {
         UNKNOWN_TASK_ID,
     );
 
-    let empty_ack = client
-        .ack(AckRequest {
-            lease_id: String::new(),
-            result: Default::default(),
-        })
-        .await;
+    let empty_ack = ack(&mut client, "", "").await;
     assert_rejected(
         "Ack with an empty lease id",
         empty_ack,
         Code::InvalidArgument,
-        "lease_id",
+        "acks[0].lease_id",
     );
-    let empty_nack = client
-        .nack(NackRequest {
-            lease_id: String::new(),
-            error: "failed".to_string(),
-        })
-        .await;
+    let empty_nack = nack(&mut client, "", "failed").await;
     assert_rejected(
         "Nack with an empty lease id",
         empty_nack,
         Code::InvalidArgument,
-        "lease_id",
+        "nacks[0].lease_id",
+    );
+    let no_acks = client.ack(AckRequest { acks: Vec::new() }).await;
+    assert_rejected("Ack with no leases", no_acks, Code::InvalidArgument, "acks");
+    let no_nacks = client.nack(NackRequest { nacks: Vec::new() }).await;
+    assert_rejected(
+        "Nack with no leases",
+        no_nacks,
+        Code::InvalidArgument,
+        "nacks",
     );
 
     let unknown_ack = ack(&mut client, UNKNOWN_LEASE_ID, "").await;

@@ -5,8 +5,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use docket_proto::v1::broker_client::BrokerClient;
 use docket_proto::v1::{
-    AckRequest, EnqueueRequest, GetTaskRequest, NackRequest, NewTask, SubscribeRequest,
-    SubscribeResponse, TaskState, TaskStatus,
+    AckRequest, Acknowledgement, EnqueueRequest, GetTaskRequest, NackRequest,
+    NegativeAcknowledgement, NewTask, SettleResult, SubscribeRequest, SubscribeResponse, TaskState,
+    TaskStatus,
 };
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
@@ -149,29 +150,43 @@ impl Client {
 
     /// Completes the task held under `lease_id`, storing `result` if one is given.
     pub(crate) async fn ack(&self, lease_id: &str, result: Option<Bytes>) -> Result<(), Error> {
-        self.inner
-            .clone()
-            .ack(AckRequest {
+        let request = AckRequest {
+            acks: vec![Acknowledgement {
                 lease_id: lease_id.to_owned(),
                 result: result.unwrap_or_default(),
-            })
-            .await?;
+            }],
+        };
+        let response = self.inner.clone().ack(request).await?.into_inner();
+        single_result(response.results)?;
         Ok(())
     }
 
     /// Fails the attempt held under `lease_id` and returns the task's new state.
     pub(crate) async fn nack(&self, lease_id: &str, error: &str) -> Result<TaskState, Error> {
-        let response = self
-            .inner
-            .clone()
-            .nack(NackRequest {
+        let request = NackRequest {
+            nacks: vec![NegativeAcknowledgement {
                 lease_id: lease_id.to_owned(),
                 error: error.to_owned(),
-            })
-            .await?
-            .into_inner();
-        Ok(response.state())
+                ..NegativeAcknowledgement::default()
+            }],
+        };
+        let response = self.inner.clone().nack(request).await?.into_inner();
+        Ok(single_result(response.results)?.state())
     }
+}
+
+/// Returns the one result of a single-item Ack or Nack, or its error as a status.
+fn single_result(results: Vec<SettleResult>) -> Result<SettleResult, Error> {
+    let Some(result) = results.into_iter().next() else {
+        return Err(Error::InvalidResponse(
+            "the broker returned no result for the lease".to_owned(),
+        ));
+    };
+    if result.code != tonic::Code::Ok as i32 {
+        let status = tonic::Status::new(tonic::Code::from_i32(result.code), result.message);
+        return Err(Error::Status(Box::new(status)));
+    }
+    Ok(result)
 }
 
 fn parse_endpoint(endpoint: &str) -> Result<Endpoint, Error> {

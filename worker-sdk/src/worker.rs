@@ -3,6 +3,7 @@
 mod builder;
 mod execute;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::{Future, pending};
 use std::pin::pin;
@@ -172,6 +173,12 @@ impl Worker {
                     trace!("heartbeat");
                     continue;
                 }
+                Some(Event::CancelNotice(notice)) => {
+                    // NOTE: the running handler is not told; it finishes, and its Ack or
+                    // Nack settles the cancelled task.
+                    info!(task_id = %notice.task_id, lease_id = %notice.lease_id, "task cancelled while running");
+                    continue;
+                }
                 None => {
                     debug!("ignoring a stream message of unknown kind");
                     continue;
@@ -253,6 +260,7 @@ impl Worker {
             queues: self.queues.clone(),
             max_in_flight: self.max_in_flight,
             lease_duration: self.lease_duration,
+            weights: HashMap::new(),
         }
     }
 }

@@ -4,12 +4,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use docket::proto as v1;
 use docket::proto::broker_server::{Broker, BrokerServer};
 use docket::proto::subscribe_response::Event;
 use docket::proto::{
     AckRequest, AckResponse, Delivery, EnqueueRequest, EnqueueResponse, GetTaskRequest,
-    GetTaskResponse, Heartbeat, NackRequest, NackResponse, SubscribeRequest, SubscribeResponse,
-    Task as WireTask, TaskState,
+    GetTaskResponse, Heartbeat, NackRequest, NackResponse, SettleResult, SubscribeRequest,
+    SubscribeResponse, Task as WireTask, TaskState,
 };
 use docket::{Bytes, Client, Error, HandlerError, TaskContext, Worker};
 use tokio::sync::{mpsc, oneshot};
@@ -70,32 +71,44 @@ impl Broker for FakeBroker {
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
-        let request = request.into_inner();
-        let _ = self
-            .settlements
-            .send(Settlement::Ack {
-                lease_id: request.lease_id,
-                result: request.result,
-            })
-            .await;
+        let mut results = Vec::new();
+        for ack in request.into_inner().acks {
+            let _ = self
+                .settlements
+                .send(Settlement::Ack {
+                    lease_id: ack.lease_id.clone(),
+                    result: ack.result,
+                })
+                .await;
+            results.push(SettleResult {
+                lease_id: ack.lease_id,
+                state: TaskState::Succeeded.into(),
+                ..SettleResult::default()
+            });
+        }
         match &self.ack_error {
             Some(status) => Err(status.clone()),
-            None => Ok(Response::new(AckResponse {})),
+            None => Ok(Response::new(AckResponse { results })),
         }
     }
 
     async fn nack(&self, request: Request<NackRequest>) -> Result<Response<NackResponse>, Status> {
-        let request = request.into_inner();
-        let _ = self
-            .settlements
-            .send(Settlement::Nack {
-                lease_id: request.lease_id,
-                error: request.error,
-            })
-            .await;
-        Ok(Response::new(NackResponse {
-            state: TaskState::Pending.into(),
-        }))
+        let mut results = Vec::new();
+        for nack in request.into_inner().nacks {
+            let _ = self
+                .settlements
+                .send(Settlement::Nack {
+                    lease_id: nack.lease_id.clone(),
+                    error: nack.error,
+                })
+                .await;
+            results.push(SettleResult {
+                lease_id: nack.lease_id,
+                state: TaskState::Pending.into(),
+                ..SettleResult::default()
+            });
+        }
+        Ok(Response::new(NackResponse { results }))
     }
 
     async fn get_task(
@@ -103,6 +116,137 @@ impl Broker for FakeBroker {
         _request: Request<GetTaskRequest>,
     ) -> Result<Response<GetTaskResponse>, Status> {
         Err(Status::not_found("the fake broker stores no tasks"))
+    }
+
+    type WatchTaskStream = ReceiverStream<Result<v1::WatchTaskResponse, Status>>;
+    type WatchQueueStatsStream = ReceiverStream<Result<v1::WatchQueueStatsResponse, Status>>;
+
+    // The worker calls none of the RPCs below.
+
+    async fn extend_lease(
+        &self,
+        _request: Request<v1::ExtendLeaseRequest>,
+    ) -> Result<Response<v1::ExtendLeaseResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve extend_lease",
+        ))
+    }
+
+    async fn watch_task(
+        &self,
+        _request: Request<v1::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve watch_task",
+        ))
+    }
+
+    async fn cancel_task(
+        &self,
+        _request: Request<v1::CancelTaskRequest>,
+    ) -> Result<Response<v1::CancelTaskResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve cancel_task",
+        ))
+    }
+
+    async fn list_queues(
+        &self,
+        _request: Request<v1::ListQueuesRequest>,
+    ) -> Result<Response<v1::ListQueuesResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve list_queues",
+        ))
+    }
+
+    async fn get_queue_stats(
+        &self,
+        _request: Request<v1::GetQueueStatsRequest>,
+    ) -> Result<Response<v1::GetQueueStatsResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve get_queue_stats",
+        ))
+    }
+
+    async fn watch_queue_stats(
+        &self,
+        _request: Request<v1::WatchQueueStatsRequest>,
+    ) -> Result<Response<Self::WatchQueueStatsStream>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve watch_queue_stats",
+        ))
+    }
+
+    async fn pause_queue(
+        &self,
+        _request: Request<v1::PauseQueueRequest>,
+    ) -> Result<Response<v1::PauseQueueResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve pause_queue",
+        ))
+    }
+
+    async fn resume_queue(
+        &self,
+        _request: Request<v1::ResumeQueueRequest>,
+    ) -> Result<Response<v1::ResumeQueueResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve resume_queue",
+        ))
+    }
+
+    async fn purge_queue(
+        &self,
+        _request: Request<v1::PurgeQueueRequest>,
+    ) -> Result<Response<v1::PurgeQueueResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve purge_queue",
+        ))
+    }
+
+    async fn get_queue_settings(
+        &self,
+        _request: Request<v1::GetQueueSettingsRequest>,
+    ) -> Result<Response<v1::GetQueueSettingsResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve get_queue_settings",
+        ))
+    }
+
+    async fn update_queue_settings(
+        &self,
+        _request: Request<v1::UpdateQueueSettingsRequest>,
+    ) -> Result<Response<v1::UpdateQueueSettingsResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve update_queue_settings",
+        ))
+    }
+
+    async fn list_dead_tasks(
+        &self,
+        _request: Request<v1::ListDeadTasksRequest>,
+    ) -> Result<Response<v1::ListDeadTasksResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve list_dead_tasks",
+        ))
+    }
+
+    async fn requeue_dead_tasks(
+        &self,
+        _request: Request<v1::RequeueDeadTasksRequest>,
+    ) -> Result<Response<v1::RequeueDeadTasksResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve requeue_dead_tasks",
+        ))
+    }
+
+    async fn delete_dead_tasks(
+        &self,
+        _request: Request<v1::DeleteDeadTasksRequest>,
+    ) -> Result<Response<v1::DeleteDeadTasksResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve delete_dead_tasks",
+        ))
     }
 }
 

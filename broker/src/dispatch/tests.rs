@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 use docket_proto::v1::{self, SubscribeResponse, subscribe_response::Event};
 use tokio::sync::mpsc;
 
-use super::{Dispatcher, ReadyTask, Redeliver, Subscription};
+use super::{Claim, Dispatcher, Effect, ReadyTask, Redeliver, Subscription};
 use crate::task::{LeaseId, QueueName, TaskId};
 
 fn queue(name: &str) -> QueueName {
@@ -19,6 +19,7 @@ fn ready(queue_name: &str, priority: i32, sequence: u64) -> Arc<ReadyTask> {
         priority,
         sequence,
         attempts: 0,
+        created_at_us: sequence as i64,
         task: Arc::new(v1::Task {
             id: id.to_string(),
             queue: queue_name.to_owned(),
@@ -31,10 +32,18 @@ fn ready(queue_name: &str, priority: i32, sequence: u64) -> Arc<ReadyTask> {
 
 fn subscription(queues: &[&str], max_in_flight: u32) -> Subscription {
     Subscription {
-        queues: queues.iter().map(|name| queue(name)).collect(),
+        queues: queues.iter().map(|name| (queue(name), 1)).collect(),
         max_in_flight,
-        lease_duration: Duration::from_secs(30),
+        lease_duration: Some(Duration::from_secs(30)),
     }
+}
+
+fn dispatcher() -> Dispatcher {
+    Dispatcher::new(|_| Duration::from_secs(30))
+}
+
+fn make_ready(dispatcher: &Dispatcher, tasks: Vec<Arc<ReadyTask>>) {
+    dispatcher.apply(tasks.into_iter().map(Effect::Ready).collect());
 }
 
 fn drain(receiver: &mut mpsc::Receiver<SubscribeResponse>) -> Vec<v1::Delivery> {
@@ -54,7 +63,7 @@ fn lease(delivery: &v1::Delivery) -> LeaseId {
 
 #[test]
 fn delivers_higher_priority_first_then_enqueue_order() {
-    let dispatcher = Dispatcher::default();
+    let dispatcher = dispatcher();
     let tasks = vec![
         ready("q", 0, 1),
         ready("q", 5, 2),
@@ -65,7 +74,7 @@ fn delivers_higher_priority_first_then_enqueue_order() {
         .iter()
         .map(|&i| tasks[i].task.id.clone())
         .collect();
-    dispatcher.make_ready(tasks);
+    make_ready(&dispatcher, tasks);
 
     let (_, mut receiver) = dispatcher.subscribe(subscription(&["q"], 10));
     let order: Vec<String> = drain(&mut receiver)
@@ -78,8 +87,8 @@ fn delivers_higher_priority_first_then_enqueue_order() {
 
 #[test]
 fn never_exceeds_max_in_flight() {
-    let dispatcher = Dispatcher::default();
-    dispatcher.make_ready((0..10).map(|i| ready("q", 0, i)).collect());
+    let dispatcher = dispatcher();
+    make_ready(&dispatcher, (0..10).map(|i| ready("q", 0, i)).collect());
 
     let (_, mut receiver) = dispatcher.subscribe(subscription(&["q"], 3));
     let first = drain(&mut receiver);
@@ -98,9 +107,9 @@ fn never_exceeds_max_in_flight() {
 
 #[test]
 fn serves_several_queues_in_turn() {
-    let dispatcher = Dispatcher::default();
-    dispatcher.make_ready((0..5).map(|i| ready("busy", 0, i)).collect());
-    dispatcher.make_ready(vec![ready("quiet", 0, 100)]);
+    let dispatcher = dispatcher();
+    make_ready(&dispatcher, (0..5).map(|i| ready("busy", 0, i)).collect());
+    make_ready(&dispatcher, vec![ready("quiet", 0, 100)]);
 
     let (_, mut receiver) = dispatcher.subscribe(subscription(&["busy", "quiet"], 2));
     let queues: Vec<String> = drain(&mut receiver)
@@ -113,8 +122,8 @@ fn serves_several_queues_in_turn() {
 
 #[test]
 fn settled_lease_is_not_live_again() {
-    let dispatcher = Dispatcher::default();
-    dispatcher.make_ready(vec![ready("q", 0, 1)]);
+    let dispatcher = dispatcher();
+    make_ready(&dispatcher, vec![ready("q", 0, 1)]);
     let (_, mut receiver) = dispatcher.subscribe(subscription(&["q"], 1));
     let delivery = drain(&mut receiver).remove(0);
 
@@ -129,8 +138,8 @@ fn settled_lease_is_not_live_again() {
 
 #[test]
 fn expired_lease_returns_task_and_frees_credit() {
-    let dispatcher = Dispatcher::default();
-    dispatcher.make_ready(vec![ready("q", 0, 1), ready("q", 0, 2)]);
+    let dispatcher = dispatcher();
+    make_ready(&dispatcher, vec![ready("q", 0, 1), ready("q", 0, 2)]);
     let (_, mut receiver) = dispatcher.subscribe(subscription(&["q"], 1));
     let delivery = drain(&mut receiver).remove(0);
 
@@ -141,7 +150,10 @@ fn expired_lease_returns_task_and_frees_credit() {
     let expired = dispatcher.expire_due(Instant::now() + Duration::from_secs(31));
 
     assert_eq!(expired.len(), 1);
-    assert_eq!(expired[0].task.id, delivery.task.as_ref().expect("task").id);
+    assert_eq!(
+        expired[0].task.task.id,
+        delivery.task.as_ref().expect("task").id
+    );
     assert!(
         dispatcher
             .settle(&lease(&delivery), Redeliver::Now)
@@ -157,8 +169,8 @@ fn expired_lease_returns_task_and_frees_credit() {
 
 #[test]
 fn unsubscribe_returns_held_tasks() {
-    let dispatcher = Dispatcher::default();
-    dispatcher.make_ready((0..4).map(|i| ready("q", 0, i)).collect());
+    let dispatcher = dispatcher();
+    make_ready(&dispatcher, (0..4).map(|i| ready("q", 0, i)).collect());
     let (first, mut first_receiver) = dispatcher.subscribe(subscription(&["q"], 2));
     let held = drain(&mut first_receiver);
     let (_, mut second_receiver) = dispatcher.subscribe(subscription(&["q"], 10));
@@ -170,9 +182,129 @@ fn unsubscribe_returns_held_tasks() {
 
     let released = dispatcher.unsubscribe(first);
 
-    let mut released_ids: Vec<String> = released.iter().map(|task| task.task.id.clone()).collect();
+    let mut released_ids: Vec<String> = released
+        .iter()
+        .map(|settled| settled.task.task.id.clone())
+        .collect();
     let mut held_ids: Vec<String> = held.into_iter().map(|d| d.task.expect("task").id).collect();
     released_ids.sort();
     held_ids.sort();
     assert_eq!(released_ids, held_ids);
+}
+
+#[test]
+fn weights_share_deliveries_between_queues() {
+    let dispatcher = dispatcher();
+    make_ready(&dispatcher, (0..20).map(|i| ready("heavy", 0, i)).collect());
+    make_ready(
+        &dispatcher,
+        (100..120).map(|i| ready("light", 0, i)).collect(),
+    );
+    let subscription = Subscription {
+        queues: vec![(queue("heavy"), 3), (queue("light"), 1)],
+        max_in_flight: 8,
+        lease_duration: None,
+    };
+
+    let (_, mut receiver) = dispatcher.subscribe(subscription);
+    let queues: Vec<String> = drain(&mut receiver)
+        .into_iter()
+        .map(|d| d.task.expect("task").queue)
+        .collect();
+
+    assert_eq!(
+        queues,
+        [
+            "heavy", "heavy", "heavy", "light", "heavy", "heavy", "heavy", "light"
+        ]
+    );
+}
+
+#[test]
+fn paused_queue_delivers_nothing_until_resumed() {
+    let dispatcher = dispatcher();
+    dispatcher.apply(vec![Effect::Paused {
+        queue: queue("q"),
+        paused: true,
+    }]);
+    make_ready(&dispatcher, vec![ready("q", 0, 1)]);
+    let (_, mut receiver) = dispatcher.subscribe(subscription(&["q"], 5));
+    assert!(
+        drain(&mut receiver).is_empty(),
+        "a paused queue must not deliver"
+    );
+
+    dispatcher.apply(vec![Effect::Paused {
+        queue: queue("q"),
+        paused: false,
+    }]);
+    assert_eq!(
+        drain(&mut receiver).len(),
+        1,
+        "resuming delivers the waiting task"
+    );
+}
+
+#[test]
+fn waiting_task_is_delivered_only_after_its_retry_time() {
+    let dispatcher = dispatcher();
+    let task = ready("q", 0, 1);
+    dispatcher.apply(vec![Effect::Wait {
+        task,
+        retry_at_us: 1_000,
+    }]);
+    let (_, mut receiver) = dispatcher.subscribe(subscription(&["q"], 5));
+    assert_eq!(dispatcher.counts(&queue("q")).retry_wait, 1);
+
+    dispatcher.promote_due(999);
+    assert!(drain(&mut receiver).is_empty(), "not due yet");
+    dispatcher.promote_due(1_000);
+    assert_eq!(drain(&mut receiver).len(), 1, "due at its retry time");
+    assert_eq!(dispatcher.counts(&queue("q")).retry_wait, 0);
+}
+
+#[test]
+fn claim_removes_ready_and_waiting_tasks() {
+    let dispatcher = dispatcher();
+    let ready_task = ready("q", 0, 1);
+    let waiting_task = ready("q", 0, 2);
+    make_ready(&dispatcher, vec![Arc::clone(&ready_task)]);
+    dispatcher.apply(vec![Effect::Wait {
+        task: Arc::clone(&waiting_task),
+        retry_at_us: i64::MAX,
+    }]);
+
+    assert!(matches!(dispatcher.claim(ready_task.id), Claim::Ready(_)));
+    assert!(matches!(
+        dispatcher.claim(waiting_task.id),
+        Claim::Waiting { .. }
+    ));
+    assert!(matches!(dispatcher.claim(ready_task.id), Claim::Absent));
+    let counts = dispatcher.counts(&queue("q"));
+    assert_eq!(counts.pending, 0);
+    assert_eq!(counts.retry_wait, 0);
+}
+
+#[test]
+fn extend_moves_the_deadline() {
+    let dispatcher = dispatcher();
+    make_ready(&dispatcher, vec![ready("q", 0, 1)]);
+    let (_, mut receiver) = dispatcher.subscribe(subscription(&["q"], 1));
+    let delivery = drain(&mut receiver).remove(0);
+
+    dispatcher
+        .extend(&lease(&delivery), Duration::from_secs(120))
+        .expect("lease is live");
+
+    let after_original_deadline = Instant::now() + Duration::from_secs(60);
+    assert!(
+        dispatcher.expire_due(after_original_deadline).is_empty(),
+        "the extended lease must not expire"
+    );
+    assert_eq!(
+        dispatcher
+            .expire_due(Instant::now() + Duration::from_secs(121))
+            .len(),
+        1
+    );
 }

@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `InvalidArgument` | `INVALID_ARGUMENT` |
 //! | `TaskNotFound` | `NOT_FOUND` |
-//! | `LeaseNotLive` | `FAILED_PRECONDITION` |
+//! | `LeaseNotLive`, `TaskFinal` | `FAILED_PRECONDITION` |
 //! | `ShuttingDown`, `Store(WriterStopped)` | `UNAVAILABLE` |
 //! | any other `Store` error | `INTERNAL` |
 
@@ -18,7 +18,9 @@ impl From<BrokerError> for Status {
         match err {
             BrokerError::InvalidArgument { .. } => Status::invalid_argument(message),
             BrokerError::TaskNotFound(_) => Status::not_found(message),
-            BrokerError::LeaseNotLive(_) => Status::failed_precondition(message),
+            BrokerError::LeaseNotLive(_) | BrokerError::TaskFinal { .. } => {
+                Status::failed_precondition(message)
+            }
             BrokerError::ShuttingDown | BrokerError::Store(StoreError::WriterStopped) => {
                 Status::unavailable(message)
             }

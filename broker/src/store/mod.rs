@@ -4,23 +4,44 @@
 //! requests in one transaction (group commit). Reads open their own read transactions and
 //! run on blocking threads, never on the async workers.
 
+mod apply;
+pub mod records;
 pub mod writer;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use docket_proto::storage::{TaskRecord, TaskRecordState};
-use docket_proto::v1;
+use docket_proto::storage::{QueueSettingsRecord, TaskRecord, TaskRecordState};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::dispatch::ReadyTask;
+use crate::dispatch::{Effect, FinalState, LeaseView};
 use crate::error::StoreError;
+use crate::settings::Defaults;
 use crate::task::{QueueName, TaskId};
 
 /// Tasks by id (`TaskId::as_key`), each a prost-encoded `TaskRecord`.
 pub(crate) const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
+
+/// Idempotency keys by (queue, key): the task id and the key's expiry in microseconds
+/// since the Unix epoch.
+pub(crate) const IDEMPOTENCY: TableDefinition<(&str, &str), (u128, i64)> =
+    TableDefinition::new("idempotency");
+
+/// Idempotency keys by (expiry, queue, key), for the purge.
+pub(crate) const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), ()> =
+    TableDefinition::new("idempotency_expiry");
+
+/// Tasks in a final state by (expiry, task id), for the purge.
+pub(crate) const RETENTION: TableDefinition<(i64, u128), ()> = TableDefinition::new("retention");
+
+/// Dead tasks by (queue, time of death, task id), for listing a queue's dead letters.
+pub(crate) const DEAD: TableDefinition<(&str, i64, u128), ()> = TableDefinition::new("dead");
+
+/// Queue settings by queue name, each a prost-encoded `QueueSettingsRecord`.
+pub(crate) const QUEUES: TableDefinition<&str, &[u8]> = TableDefinition::new("queues");
 
 /// The broker's redb database.
 pub struct Store {
@@ -29,10 +50,15 @@ pub struct Store {
 
 /// State that the broker rebuilds from the store at start-up.
 pub struct Recovered {
-    /// Every task that is waiting for delivery, in no particular order.
-    pub pending: Vec<Arc<ReadyTask>>,
+    /// Changes that rebuild the dispatcher: ready and retry-waiting tasks, counts of final
+    /// states, paused queues.
+    pub effects: Vec<Effect>,
+    /// Stored queue settings.
+    pub settings: HashMap<QueueName, QueueSettingsRecord>,
     /// The sequence number to give the next enqueued task.
     pub next_sequence: u64,
+    /// Number of tasks that are pending or waiting for a retry.
+    pub deliverable: usize,
 }
 
 impl Store {
@@ -52,34 +78,151 @@ impl Store {
         // Create the tables up front, so that read transactions never find them missing.
         let txn = db.begin_write()?;
         txn.open_table(TASKS)?;
+        txn.open_table(IDEMPOTENCY)?;
+        txn.open_table(IDEMPOTENCY_EXPIRY)?;
+        txn.open_table(RETENTION)?;
+        txn.open_table(DEAD)?;
+        txn.open_table(QUEUES)?;
         txn.commit()?;
 
         Ok(Store { db })
     }
 
-    /// Scans the tasks table and returns the pending tasks and the next sequence number.
+    /// Scans the store and returns what the dispatcher needs to start. Tasks whose
+    /// cancellation was requested while they were leased are committed as cancelled first.
     ///
     /// # Errors
     ///
-    /// Fails on a read error or on a record that cannot be decoded.
-    pub fn recover(&self) -> Result<Recovered, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(TASKS)?;
-        let mut pending = Vec::new();
+    /// Fails on a read or write error or on a record that cannot be decoded.
+    pub fn recover(&self, defaults: &Defaults) -> Result<Recovered, StoreError> {
+        let settings = self.read_settings()?;
+        self.cancel_orphaned_cancellations(defaults, &settings)?;
+
+        let mut effects: Vec<Effect> = settings
+            .iter()
+            .map(|(queue, record)| Effect::Paused {
+                queue: queue.clone(),
+                paused: record.paused,
+            })
+            .collect();
         let mut max_sequence = 0;
-        for entry in table.iter()? {
+        let mut deliverable = 0;
+        let txn = self.db.begin_read()?;
+        for entry in txn.open_table(TASKS)?.iter()? {
             let (key, value) = entry?;
             let task_id = TaskId::from_key(key.value());
             let record = decode_record(task_id, value.value())?;
             max_sequence = max_sequence.max(record.sequence);
-            if record.state() == TaskRecordState::Pending {
-                pending.push(Arc::new(ready_task(task_id, record)?));
+            let final_state = match record.state() {
+                TaskRecordState::Pending => {
+                    effects.push(Effect::Ready(Arc::new(records::ready_task(
+                        task_id, &record,
+                    )?)));
+                    deliverable += 1;
+                    continue;
+                }
+                TaskRecordState::RetryWait => {
+                    let task = Arc::new(records::ready_task(task_id, &record)?);
+                    effects.push(Effect::Wait {
+                        task,
+                        retry_at_us: record.retry_at_us,
+                    });
+                    deliverable += 1;
+                    continue;
+                }
+                TaskRecordState::Succeeded => FinalState::Succeeded,
+                TaskRecordState::Dead => FinalState::Dead,
+                TaskRecordState::Cancelled => FinalState::Cancelled,
+                TaskRecordState::Unspecified | TaskRecordState::Leased => continue,
+            };
+            if let Ok(queue) = QueueName::parse("queue", &record.queue) {
+                effects.push(Effect::Count {
+                    queue,
+                    state: final_state,
+                    delta: 1,
+                });
             }
         }
+
         Ok(Recovered {
-            pending,
+            effects,
+            settings,
             next_sequence: max_sequence + 1,
+            deliverable,
         })
+    }
+
+    fn read_settings(&self) -> Result<HashMap<QueueName, QueueSettingsRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut settings = HashMap::new();
+        for entry in txn.open_table(QUEUES)?.iter()? {
+            let (name, value) = entry?;
+            let Ok(queue) = QueueName::parse("queue", name.value()) else {
+                continue;
+            };
+            let record = QueueSettingsRecord::decode(value.value()).map_err(|source| {
+                StoreError::DecodeSettings {
+                    queue: name.value().to_owned(),
+                    source,
+                }
+            })?;
+            settings.insert(queue, record);
+        }
+        Ok(settings)
+    }
+
+    /// Commits as cancelled every deliverable task with a cancellation request. Such a task
+    /// was leased when the broker stopped, so no worker can settle it any more.
+    fn cancel_orphaned_cancellations(
+        &self,
+        defaults: &Defaults,
+        settings: &HashMap<QueueName, QueueSettingsRecord>,
+    ) -> Result<(), StoreError> {
+        let orphaned: Vec<(TaskId, TaskRecord)> = {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(TASKS)?;
+            let mut orphaned = Vec::new();
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                let task_id = TaskId::from_key(key.value());
+                let record = decode_record(task_id, value.value())?;
+                let deliverable = matches!(
+                    record.state(),
+                    TaskRecordState::Pending | TaskRecordState::RetryWait
+                );
+                if deliverable && record.cancel_requested {
+                    orphaned.push((task_id, record));
+                }
+            }
+            orphaned
+        };
+        if orphaned.is_empty() {
+            return Ok(());
+        }
+
+        let txn = self.db.begin_write()?;
+        {
+            let mut tables = apply::Tables::open(&txn)?;
+            let now = now_micros();
+            for (task_id, mut record) in orphaned {
+                let queue_settings = match QueueName::parse("queue", &record.queue) {
+                    Ok(queue) => defaults.resolve(settings.get(&queue)),
+                    Err(_) => defaults.resolve(None),
+                };
+                apply::finish(
+                    &mut tables,
+                    task_id,
+                    &mut record,
+                    TaskRecordState::Cancelled,
+                    now,
+                    &queue_settings,
+                )?;
+                tables.put_task(task_id, &record)?;
+                tracing::info!(%task_id, "task whose cancellation was requested before a restart is now cancelled");
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Reads one task's record.
@@ -95,39 +238,53 @@ impl Store {
         };
         decode_record(task_id, value.value()).map(Some)
     }
+
+    /// Reads one page of a queue's dead tasks, oldest death first, starting after
+    /// `after` (a time of death and task id). Returns the page and the position of its
+    /// last entry if more may follow.
+    ///
+    /// # Errors
+    ///
+    /// Fails on a read error or a record that cannot be decoded.
+    #[allow(clippy::type_complexity)]
+    pub fn read_dead_page(
+        &self,
+        queue: &QueueName,
+        after: Option<(i64, u128)>,
+        page_size: usize,
+    ) -> Result<(Vec<(TaskId, TaskRecord)>, Option<(i64, u128)>), StoreError> {
+        let txn = self.db.begin_read()?;
+        let dead = txn.open_table(DEAD)?;
+        let tasks = txn.open_table(TASKS)?;
+        let start = match after {
+            Some((died_at, task)) => (queue.as_str(), died_at, task.saturating_add(1)),
+            None => (queue.as_str(), i64::MIN, 0),
+        };
+        let end = (queue.as_str(), i64::MAX, u128::MAX);
+        let mut page = Vec::new();
+        let mut last = None;
+        for entry in dead.range(start..=end)? {
+            let (key, _) = entry?;
+            let (_, died_at, task) = key.value();
+            if page.len() == page_size {
+                return Ok((page, last));
+            }
+            last = Some((died_at, task));
+            let task_id = TaskId::from_key(task);
+            if let Some(value) = tasks.get(task)? {
+                page.push((task_id, decode_record(task_id, value.value())?));
+            }
+        }
+        Ok((page, None))
+    }
 }
 
 pub(crate) fn decode_record(task_id: TaskId, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
     TaskRecord::decode(bytes).map_err(|source| StoreError::Decode { task_id, source })
 }
 
-/// Builds the in-memory form of a pending task from its record.
-pub(crate) fn ready_task(task_id: TaskId, record: TaskRecord) -> Result<ReadyTask, StoreError> {
-    // A record holds only queue names that passed validation when it was enqueued.
-    let queue =
-        QueueName::parse("queue", &record.queue).map_err(|_| StoreError::Missing(task_id))?;
-    let task = v1::Task {
-        id: task_id.to_string(),
-        queue: record.queue,
-        kind: record.kind,
-        payload: record.payload,
-        headers: record.headers,
-        priority: record.priority,
-        max_attempts: record.max_attempts,
-        created_at: Some(timestamp_from_micros(record.created_at_us)),
-    };
-    Ok(ReadyTask {
-        id: task_id,
-        queue,
-        priority: record.priority,
-        sequence: record.sequence,
-        attempts: record.attempts,
-        task: Arc::new(task),
-    })
-}
-
-/// Microseconds since the Unix epoch, for record timestamps.
-pub(crate) fn now_micros() -> i64 {
+/// Returns the current time in microseconds since the Unix epoch, for record timestamps.
+pub fn now_micros() -> i64 {
     let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
@@ -140,6 +297,20 @@ pub fn timestamp_from_micros(micros: i64) -> prost_types::Timestamp {
         seconds: micros.div_euclid(1_000_000),
         nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
     }
+}
+
+/// Adds a duration to a record timestamp, saturating.
+pub fn add_micros(at_us: i64, duration: Duration) -> i64 {
+    at_us.saturating_add(i64::try_from(duration.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// Builds a task's status as GetTask returns it.
+pub fn status_of(
+    task_id: TaskId,
+    record: &TaskRecord,
+    lease: Option<&LeaseView>,
+) -> docket_proto::v1::TaskStatus {
+    records::task_status(task_id, record, lease, now_micros())
 }
 
 #[cfg(test)]

@@ -1,24 +1,58 @@
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use docket_proto::storage::TaskRecordState;
 use prost::bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::Store;
-use super::writer::{self, WriteOp};
-use crate::dispatch::Dispatcher;
+use super::writer::{self, Failure, WriteOp};
+use crate::dispatch::{Dispatcher, Effect, SettledLease};
+use crate::retry::RetryPolicy;
+use crate::settings::{Defaults, SettingsCache};
 use crate::task::{NewTask, QueueName};
 
-fn new_task(payload: &'static [u8]) -> NewTask {
+fn defaults() -> Defaults {
+    Defaults {
+        max_attempts: 2,
+        retry_policy: RetryPolicy {
+            initial_backoff: Duration::ZERO,
+            multiplier: 1.0,
+            max_backoff: Duration::ZERO,
+            jitter: 0.0,
+        },
+        lease_duration: Duration::from_secs(30),
+        retention: Duration::from_secs(3600),
+        dead_retention: Duration::from_secs(3600),
+        idempotency_window: Duration::from_secs(3600),
+    }
+}
+
+fn new_task(payload: &'static [u8], key: Option<&str>) -> NewTask {
     NewTask {
         queue: QueueName::parse("queue", "q").expect("valid queue"),
         kind: "test".to_owned(),
         payload: Bytes::from_static(payload),
         headers: HashMap::new(),
         priority: 0,
-        max_attempts: 2,
+        max_attempts: None,
+        retry_policy: None,
+        idempotency_key: key.map(str::to_owned),
     }
+}
+
+fn ready_tasks(effects: &[Effect]) -> Vec<SettledLease> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Ready(task) => Some(SettledLease {
+                task: Arc::clone(task),
+                started_at_us: 0,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -26,54 +60,67 @@ async fn committed_tasks_survive_reopen_with_their_state() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("broker.redb");
     let store = Arc::new(Store::open(dir.path(), &path).expect("open store"));
-    let dispatcher = Arc::new(Dispatcher::default());
-    let (handle, thread) =
-        writer::spawn(store.clone(), dispatcher.clone(), 1, 16, 16).expect("spawn writer");
+    let dispatcher = Arc::new(Dispatcher::new(|_| Duration::from_secs(30)));
+    let settings = SettingsCache::new(defaults(), HashMap::new());
+    let (handle, thread) = writer::spawn(store.clone(), dispatcher.clone(), settings, 1, 16, 16)
+        .expect("spawn writer");
 
     let (reply, response) = oneshot::channel();
-    let op = WriteOp::Enqueue {
-        tasks: vec![new_task(b"one"), new_task(b"two"), new_task(b"three")],
+    let tasks = vec![
+        new_task(b"one", None),
+        new_task(b"two", None),
+        new_task(b"three", Some("key")),
+    ];
+    handle
+        .send(WriteOp::Enqueue { tasks, reply })
+        .await
+        .expect("writer running");
+    let enqueued = response.await.expect("reply").expect("enqueue committed");
+    let ids: Vec<_> = enqueued.iter().map(|task| task.id).collect();
+    assert_eq!(ids.len(), 3);
+
+    let (reply, response) = oneshot::channel();
+    let tasks = vec![new_task(b"again", Some("key"))];
+    handle
+        .send(WriteOp::Enqueue { tasks, reply })
+        .await
+        .expect("writer running");
+    let repeated = response.await.expect("reply").expect("enqueue committed");
+    assert!(repeated[0].duplicate, "a repeated key must be flagged");
+    assert_eq!(
+        repeated[0].id, ids[2],
+        "a repeated key returns the first task's id"
+    );
+
+    let pending = ready_tasks(&store.recover(&defaults()).expect("recover").effects);
+    let first = pending
+        .iter()
+        .find(|settled| settled.task.id == ids[0])
+        .expect("first task pending");
+    let (reply, response) = oneshot::channel();
+    let op = WriteOp::Complete {
+        settled: first.clone(),
+        result: Bytes::from_static(b"ok"),
         reply,
     };
     handle.send(op).await.expect("writer running");
-    let ids = response.await.expect("reply").expect("enqueue committed");
-    assert_eq!(ids.len(), 3);
+    let outcome = response.await.expect("reply").expect("complete committed");
+    assert_eq!(outcome.state, TaskRecordState::Succeeded);
 
-    let recovered = store.recover().expect("recover");
-    let task = recovered
-        .pending
+    let second = pending
         .iter()
-        .find(|task| task.id == ids[0])
-        .expect("first task pending")
-        .clone();
-
-    let (reply, response) = oneshot::channel();
-    handle
-        .send(WriteOp::Complete {
-            task,
-            result: Bytes::from_static(b"ok"),
-            reply,
-        })
-        .await
-        .expect("writer running");
-    response.await.expect("reply").expect("complete committed");
-
-    let task = recovered
-        .pending
-        .iter()
-        .find(|task| task.id == ids[1])
-        .expect("second task pending")
-        .clone();
+        .find(|settled| settled.task.id == ids[1])
+        .expect("second task pending");
     for expected in [TaskRecordState::Pending, TaskRecordState::Dead] {
         let (reply, response) = oneshot::channel();
         let op = WriteOp::Fail {
-            task: task.clone(),
-            error: "boom".to_owned(),
+            settled: second.clone(),
+            failure: Failure::released("boom"),
             reply: Some(reply),
         };
         handle.send(op).await.expect("writer running");
-        let state = response.await.expect("reply").expect("fail committed");
-        assert_eq!(state, expected);
+        let outcome = response.await.expect("reply").expect("fail committed");
+        assert_eq!(outcome.state, expected);
     }
 
     drop(handle);
@@ -81,8 +128,11 @@ async fn committed_tasks_survive_reopen_with_their_state() {
     drop(store);
 
     let reopened = Store::open(dir.path(), &path).expect("reopen store");
-    let recovered = reopened.recover().expect("recover after reopen");
-    let pending: Vec<_> = recovered.pending.iter().map(|task| task.id).collect();
+    let recovered = reopened.recover(&defaults()).expect("recover after reopen");
+    let pending: Vec<_> = ready_tasks(&recovered.effects)
+        .iter()
+        .map(|settled| settled.task.id)
+        .collect();
     assert_eq!(
         pending,
         vec![ids[2]],
@@ -103,4 +153,5 @@ async fn committed_tasks_survive_reopen_with_their_state() {
     assert_eq!(dead.state(), TaskRecordState::Dead);
     assert_eq!(dead.attempts, 2);
     assert_eq!(dead.last_error, "boom");
+    assert_eq!(dead.attempt_history.len(), 2, "every attempt is kept");
 }

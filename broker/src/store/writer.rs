@@ -8,17 +8,24 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use docket_proto::storage::{TaskRecord, TaskRecordState};
-use prost::Message;
+use docket_proto::storage::{QueueSettingsRecord, TaskRecordState};
+use docket_proto::v1::TaskState;
 use prost::bytes::Bytes;
-use redb::{Database, ReadableTable, Table};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Store, TASKS, decode_record, now_micros, ready_task};
-use crate::dispatch::{Dispatcher, ReadyTask};
-use crate::error::StoreError;
-use crate::task::{NewTask, TaskId};
+use super::apply::{self, Context, Tables};
+use super::{Store, status_of};
+use crate::dispatch::{Dispatcher, Effect, ReadyTask, SettledLease};
+use crate::error::{BrokerError, StoreError};
+use crate::settings::SettingsCache;
+use crate::task::{NewTask, QueueName, TaskId};
+
+/// Receives a request's outcome once it is durable.
+pub type Reply<T> = oneshot::Sender<Result<T, BrokerError>>;
 
 /// A request to the storage writer.
 pub enum WriteOp {
@@ -26,30 +33,134 @@ pub enum WriteOp {
     Enqueue {
         /// Validated tasks, in request order.
         tasks: Vec<NewTask>,
-        /// Receives the new ids in request order once the batch is durable.
-        reply: oneshot::Sender<Result<Vec<TaskId>, StoreError>>,
+        /// Receives one entry per task, in request order.
+        reply: Reply<Vec<Enqueued>>,
     },
     /// Mark a task succeeded. Its lease has already been settled in memory.
     Complete {
-        /// The task as it was leased.
-        task: Arc<ReadyTask>,
-        /// Result to store with it.
+        /// The settled lease.
+        settled: SettledLease,
+        /// Result to store with the task.
         result: Bytes,
-        /// Receives the outcome once it is durable.
-        reply: oneshot::Sender<Result<(), StoreError>>,
+        /// Receives the task's new state.
+        reply: Reply<SettleOutcome>,
     },
-    /// Record a failed attempt; the task is offered again or, after its last attempt,
-    /// dead-lettered. Its lease has already been settled in memory.
+    /// Record a failed attempt. Its lease has already been settled in memory.
     Fail {
-        /// The task as it was leased.
-        task: Arc<ReadyTask>,
-        /// Error message of the failed attempt.
-        error: String,
-        /// Receives the task's new state once it is durable. `None` for an expired lease
-        /// or a closed stream, where no request waits.
-        reply: Option<oneshot::Sender<Result<TaskRecordState, StoreError>>>,
+        /// The settled lease.
+        settled: SettledLease,
+        /// Error and retry instructions.
+        failure: Failure,
+        /// Receives the task's new state; `None` for an expired lease or a closed
+        /// stream, where no request waits.
+        reply: Option<Reply<SettleOutcome>>,
     },
+    /// Cancel a task, or request the cancellation of a leased one.
+    Cancel {
+        /// The task.
+        task_id: TaskId,
+        /// Receives CANCELLED, or LEASED if the holding worker was told to stop.
+        reply: Reply<TaskState>,
+    },
+    /// Delete tasks that the dispatcher already removed from a queue's ready and waiting
+    /// sets.
+    PurgeQueue {
+        /// The removed tasks.
+        tasks: Vec<Arc<ReadyTask>>,
+        /// Receives the number of tasks deleted.
+        reply: Reply<u64>,
+    },
+    /// Change a queue's stored settings.
+    UpdateSettings {
+        /// The queue.
+        queue: QueueName,
+        /// The fields to change.
+        update: SettingsUpdate,
+        /// Receives the stored settings after the change.
+        reply: Reply<QueueSettingsRecord>,
+    },
+    /// Make dead tasks pending again, with their attempts reset.
+    RequeueDead {
+        /// The queue.
+        queue: QueueName,
+        /// Which dead tasks.
+        selection: DeadSelection,
+        /// Receives the number of tasks requeued.
+        reply: Reply<u64>,
+    },
+    /// Delete dead tasks.
+    DeleteDead {
+        /// The queue.
+        queue: QueueName,
+        /// Which dead tasks.
+        selection: DeadSelection,
+        /// Receives the number of tasks deleted.
+        reply: Reply<u64>,
+    },
+    /// Delete tasks and idempotency keys whose time has passed.
+    Purge,
 }
+
+/// A failed attempt's error and retry instructions.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// Error message to store.
+    pub error: String,
+    /// Delay before the next attempt, overriding the retry policy.
+    pub retry_delay: Option<Duration>,
+    /// Dead-letter the task whatever attempts it has left.
+    pub no_retry: bool,
+}
+
+impl Failure {
+    /// A failure the broker records itself, for an expired lease or a closed stream.
+    pub fn released(error: &str) -> Self {
+        Failure {
+            error: error.to_owned(),
+            retry_delay: None,
+            no_retry: false,
+        }
+    }
+}
+
+/// One enqueued task.
+#[derive(Debug, Clone, Copy)]
+pub struct Enqueued {
+    /// The task's id.
+    pub id: TaskId,
+    /// The idempotency key matched an earlier task, whose id this is.
+    pub duplicate: bool,
+}
+
+/// A task's state after its lease was settled.
+#[derive(Debug, Clone, Copy)]
+pub struct SettleOutcome {
+    /// The new stored state.
+    pub state: TaskRecordState,
+    /// A cancellation was requested while the task was leased.
+    pub cancel_requested: bool,
+}
+
+/// Fields of a queue's settings to change.
+#[derive(Debug, Clone, Default)]
+pub struct SettingsUpdate {
+    /// Set fields replace the stored ones; `paused` is ignored.
+    pub patch: QueueSettingsRecord,
+    /// New paused flag, if it changes.
+    pub paused: Option<bool>,
+}
+
+/// Dead tasks that a requeue or delete applies to.
+#[derive(Debug, Clone)]
+pub enum DeadSelection {
+    /// These tasks, where they are dead tasks of the queue.
+    Ids(Vec<TaskId>),
+    /// Every dead task of the queue, up to a batch limit per request.
+    All,
+}
+
+/// Number of dead tasks that one `DeadSelection::All` request changes at most.
+pub const DEAD_BATCH: usize = apply::DEAD_BATCH;
 
 /// Sending side of the writer's request channel.
 #[derive(Clone)]
@@ -70,12 +181,13 @@ impl WriterHandle {
             .map_err(|_| StoreError::WriterStopped)
     }
 
-    /// Queues a request without waiting. Returns the request if the channel is full.
-    pub fn try_send(&self, op: WriteOp) -> Result<(), WriteOp> {
+    /// Queues a request without waiting. Returns the request, boxed, if the channel is
+    /// full or closed.
+    pub fn try_send(&self, op: WriteOp) -> Result<(), Box<WriteOp>> {
         match self.sender.try_send(op) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op)) => {
-                Err(op)
+                Err(Box::new(op))
             }
         }
     }
@@ -86,6 +198,7 @@ impl WriterHandle {
 pub fn spawn(
     store: Arc<Store>,
     dispatcher: Arc<Dispatcher>,
+    settings: SettingsCache,
     next_sequence: u64,
     capacity: usize,
     max_batch: usize,
@@ -94,8 +207,10 @@ pub fn spawn(
     let writer = Writer {
         store,
         dispatcher,
+        settings,
         next_sequence,
         max_batch: max_batch.max(1),
+        rng: StdRng::from_os_rng(),
     };
     let thread = std::thread::Builder::new()
         .name("docket-writer".into())
@@ -106,25 +221,20 @@ pub fn spawn(
 struct Writer {
     store: Arc<Store>,
     dispatcher: Arc<Dispatcher>,
+    settings: SettingsCache,
     next_sequence: u64,
     max_batch: usize,
+    rng: StdRng,
 }
 
-/// A committed request's change to the in-memory state, with its reply channel.
-enum Applied {
-    Enqueue {
-        tasks: Vec<Arc<ReadyTask>>,
-        reply: oneshot::Sender<Result<Vec<TaskId>, StoreError>>,
-    },
-    Complete {
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Fail {
-        /// The task with its new attempt count, if it is to be offered again.
-        retry: Option<Arc<ReadyTask>>,
-        state: TaskRecordState,
-        reply: Option<oneshot::Sender<Result<TaskRecordState, StoreError>>>,
-    },
+/// A request's outcome, before its reply is sent.
+enum Done {
+    Enqueued(Vec<Enqueued>),
+    Settled(SettleOutcome),
+    Cancelled(TaskState),
+    Count(u64),
+    Settings(QueueSettingsRecord),
+    Nothing,
 }
 
 impl Writer {
@@ -143,222 +253,216 @@ impl Writer {
         tracing::debug!("storage writer stopped");
     }
 
-    /// Applies every request of `batch` in one transaction, commits, publishes the
-    /// changes to the dispatcher, then replies. Drains `batch`.
+    /// Applies every request of `batch` in one transaction, commits, hands the changes to
+    /// the dispatcher, then replies. Drains `batch`.
     fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
-        let batch_len = batch.len();
-        let mut applied = Vec::with_capacity(batch_len);
         let store = Arc::clone(&self.store);
-        let outcome = self.apply_batch(&store.db, batch, &mut applied);
+        let mut cx = Context {
+            dispatcher: &self.dispatcher,
+            settings: &self.settings,
+            now_us: super::now_micros(),
+            next_sequence: &mut self.next_sequence,
+            rng: &mut self.rng,
+            effects: Vec::new(),
+            rollback: Vec::new(),
+            changed: Vec::new(),
+        };
 
-        if let Err(err) = outcome {
-            tracing::error!(error = %err, requests = batch_len, "commit failed; the batch is rolled back");
-            let message = err.to_string();
-            for op in batch.drain(..) {
-                fail_request(op, &self.dispatcher, || StoreError::BatchFailed {
-                    message: message.clone(),
-                });
+        let outcomes = match apply_batch(&store, &mut cx, batch) {
+            Ok(outcomes) => outcomes,
+            Err(err) => {
+                tracing::error!(error = %err, requests = batch.len(), "commit failed; the batch is rolled back");
+                let restore = std::mem::take(&mut cx.rollback);
+                let message = err.to_string();
+                for op in batch.drain(..) {
+                    fail_request(op, &message);
+                }
+                self.dispatcher.apply(restore);
+                return;
             }
-            return;
+        };
+
+        let changed = std::mem::take(&mut cx.changed);
+        let effects = std::mem::take(&mut cx.effects);
+        for (op, outcome) in batch.iter().zip(&outcomes) {
+            if let (WriteOp::UpdateSettings { queue, .. }, Ok(Done::Settings(record))) =
+                (op, outcome)
+            {
+                self.settings.set(queue.clone(), *record);
+            }
         }
+        self.dispatcher.apply(effects);
+        self.publish_to_watchers(&changed);
 
-        let mut ready = Vec::new();
-        for change in &applied {
-            match change {
-                Applied::Enqueue { tasks, .. } => ready.extend(tasks.iter().cloned()),
-                Applied::Fail {
-                    retry: Some(task), ..
-                } => ready.push(task.clone()),
-                _ => {}
-            }
-        }
-        self.dispatcher.make_ready(ready);
-
-        for change in applied {
-            match change {
-                Applied::Enqueue { tasks, reply } => {
-                    let _ = reply.send(Ok(tasks.iter().map(|task| task.id).collect()));
-                }
-                Applied::Complete { reply } => {
-                    let _ = reply.send(Ok(()));
-                }
-                Applied::Fail { state, reply, .. } => {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Ok(state));
-                    }
-                }
-            }
+        for (op, outcome) in batch.drain(..).zip(outcomes) {
+            reply(op, outcome);
         }
     }
 
-    /// Applies and commits the batch. A request whose record is missing or damaged fails
-    /// alone; a redb error fails the whole batch.
-    fn apply_batch(
-        &mut self,
-        db: &Database,
-        batch: &mut Vec<WriteOp>,
-        applied: &mut Vec<Applied>,
-    ) -> Result<(), StoreError> {
-        let txn = db.begin_write()?;
-        {
-            let mut table = txn.open_table(TASKS)?;
-            let now = now_micros();
-            // Requests are only moved out once the commit succeeded, so that a failed
-            // commit can still reply to each of them.
-            let mut pending = Vec::with_capacity(batch.len());
-            for op in batch.iter() {
-                pending.push(self.apply(&mut table, op, now)?);
+    /// Sends the committed status of each changed task to its watchers.
+    fn publish_to_watchers(&self, changed: &[TaskId]) {
+        let watchers = &self.dispatcher.watchers;
+        for &task_id in changed {
+            if !watchers.is_watched(task_id) {
+                continue;
             }
-            drop(table);
-            txn.commit()?;
-
-            for (op, result) in batch.drain(..).zip(pending) {
-                match result {
-                    Ok(change) => applied.push(attach_reply(change, op)),
-                    Err(err) => fail_request(op, &self.dispatcher, || err),
+            match self.store.read_task(task_id) {
+                Ok(Some(record)) => {
+                    let lease = self.dispatcher.lease_of(task_id);
+                    watchers.publish(task_id, status_of(task_id, &record, lease.as_ref()));
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies one request to the open table. The outer error aborts the batch; the inner
-    /// one fails this request only.
-    fn apply(
-        &mut self,
-        table: &mut Table<u128, &[u8]>,
-        op: &WriteOp,
-        now: i64,
-    ) -> Result<Result<Change, StoreError>, StoreError> {
-        match op {
-            WriteOp::Enqueue { tasks, .. } => {
-                let mut ready = Vec::with_capacity(tasks.len());
-                for task in tasks {
-                    let task_id = TaskId::generate();
-                    let record = TaskRecord {
-                        queue: task.queue.as_str().to_owned(),
-                        kind: task.kind.clone(),
-                        payload: task.payload.clone(),
-                        headers: task.headers.clone(),
-                        priority: task.priority,
-                        max_attempts: task.max_attempts,
-                        sequence: self.next_sequence,
-                        state: TaskRecordState::Pending.into(),
-                        attempts: 0,
-                        last_error: String::new(),
-                        result: Bytes::new(),
-                        created_at_us: now,
-                        updated_at_us: now,
-                    };
-                    self.next_sequence += 1;
-                    table.insert(task_id.as_key(), record.encode_to_vec().as_slice())?;
-                    match ready_task(task_id, record) {
-                        Ok(task) => ready.push(Arc::new(task)),
-                        Err(err) => return Ok(Err(err)),
-                    }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(%task_id, error = %err, "cannot read a changed task for its watchers")
                 }
-                Ok(Ok(Change::Enqueued(ready)))
-            }
-            WriteOp::Complete { task, result, .. } => {
-                let mut record = match read_record(table, task.id)? {
-                    Ok(record) => record,
-                    Err(err) => return Ok(Err(err)),
-                };
-                record.attempts += 1;
-                record.set_state(TaskRecordState::Succeeded);
-                record.result = result.clone();
-                record.updated_at_us = now;
-                table.insert(task.id.as_key(), record.encode_to_vec().as_slice())?;
-                Ok(Ok(Change::Completed))
-            }
-            WriteOp::Fail { task, error, .. } => {
-                let mut record = match read_record(table, task.id)? {
-                    Ok(record) => record,
-                    Err(err) => return Ok(Err(err)),
-                };
-                record.attempts += 1;
-                record.last_error.clone_from(error);
-                record.updated_at_us = now;
-                let state = if record.attempts >= record.max_attempts {
-                    TaskRecordState::Dead
-                } else {
-                    TaskRecordState::Pending
-                };
-                record.set_state(state);
-                let attempts = record.attempts;
-                table.insert(task.id.as_key(), record.encode_to_vec().as_slice())?;
-
-                let retry = (state == TaskRecordState::Pending).then(|| {
-                    Arc::new(ReadyTask {
-                        attempts,
-                        ..ReadyTask::clone(task)
-                    })
-                });
-                Ok(Ok(Change::Failed { retry, state }))
             }
         }
     }
 }
 
-/// A change applied in the transaction, before its reply is attached.
-enum Change {
-    Enqueued(Vec<Arc<ReadyTask>>),
-    Completed,
-    Failed {
-        retry: Option<Arc<ReadyTask>>,
-        state: TaskRecordState,
-    },
-}
-
-fn attach_reply(change: Change, op: WriteOp) -> Applied {
-    match (change, op) {
-        (Change::Enqueued(tasks), WriteOp::Enqueue { reply, .. }) => {
-            Applied::Enqueue { tasks, reply }
+/// Applies and commits the batch. A request that fails on its own (an unknown task, a
+/// damaged record) fails alone; a redb error fails the whole batch.
+fn apply_batch(
+    store: &Store,
+    cx: &mut Context<'_>,
+    batch: &[WriteOp],
+) -> Result<Vec<Result<Done, BrokerError>>, StoreError> {
+    let txn = store.db.begin_write()?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        let mut tables = Tables::open(&txn)?;
+        for op in batch {
+            outcomes.push(apply_one(&mut tables, cx, op)?);
         }
-        (Change::Completed, WriteOp::Complete { reply, .. }) => Applied::Complete { reply },
-        (Change::Failed { retry, state }, WriteOp::Fail { reply, .. }) => Applied::Fail {
-            retry,
-            state,
-            reply,
-        },
-        // `apply` returns the change that matches its request's variant.
-        _ => unreachable!("change does not match its write request"),
     }
+    txn.commit()?;
+    Ok(outcomes)
 }
 
-/// Replies to a request that was not committed. A settled lease's task is offered again,
-/// because its stored state did not change.
-fn fail_request(op: WriteOp, dispatcher: &Dispatcher, error: impl FnOnce() -> StoreError) {
+fn apply_one(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    op: &WriteOp,
+) -> Result<Result<Done, BrokerError>, StoreError> {
+    Ok(match op {
+        WriteOp::Enqueue { tasks, .. } => Ok(Done::Enqueued(apply::enqueue(tables, cx, tasks)?)),
+        WriteOp::Complete {
+            settled, result, ..
+        } => {
+            cx.rollback.push(Effect::Ready(Arc::clone(&settled.task)));
+            apply::complete(tables, cx, settled, result)?.map(Done::Settled)
+        }
+        WriteOp::Fail {
+            settled, failure, ..
+        } => {
+            cx.rollback.push(Effect::Ready(Arc::clone(&settled.task)));
+            apply::fail(tables, cx, settled, failure)?.map(Done::Settled)
+        }
+        WriteOp::Cancel { task_id, .. } => {
+            apply::cancel(tables, cx, *task_id)?.map(Done::Cancelled)
+        }
+        WriteOp::PurgeQueue { tasks, .. } => {
+            Ok(Done::Count(apply::purge_queue(tables, cx, tasks)?))
+        }
+        WriteOp::UpdateSettings { queue, update, .. } => Ok(Done::Settings(
+            apply::update_settings(tables, cx, queue, update)?,
+        )),
+        WriteOp::RequeueDead {
+            queue, selection, ..
+        } => Ok(Done::Count(apply::requeue_dead(
+            tables, cx, queue, selection,
+        )?)),
+        WriteOp::DeleteDead {
+            queue, selection, ..
+        } => Ok(Done::Count(apply::delete_dead(
+            tables, cx, queue, selection,
+        )?)),
+        WriteOp::Purge => {
+            apply::purge_expired(tables, cx)?;
+            Ok(Done::Nothing)
+        }
+    })
+}
+
+/// Sends a committed request's outcome.
+fn reply(op: WriteOp, outcome: Result<Done, BrokerError>) {
+    fn send<T>(reply: Reply<T>, outcome: Result<T, BrokerError>) {
+        // The requester may have gone away; the change is committed either way.
+        let _ = reply.send(outcome);
+    }
+    let mismatch = || BrokerError::Store(StoreError::WriterStopped);
     match op {
-        WriteOp::Enqueue { reply, .. } => {
-            let _ = reply.send(Err(error()));
-        }
-        WriteOp::Complete { task, reply, .. } => {
-            dispatcher.make_ready(vec![task]);
-            let _ = reply.send(Err(error()));
-        }
-        WriteOp::Fail { task, reply, .. } => {
-            let task_id = task.id;
-            dispatcher.make_ready(vec![task]);
-            let error = error();
-            match reply {
-                Some(reply) => {
-                    let _ = reply.send(Err(error));
+        WriteOp::Enqueue { reply, .. } => send(
+            reply,
+            outcome.and_then(|done| match done {
+                Done::Enqueued(enqueued) => Ok(enqueued),
+                _ => Err(mismatch()),
+            }),
+        ),
+        WriteOp::Complete { reply, .. } => send(reply, settle_outcome(outcome)),
+        WriteOp::Fail { reply, settled, .. } => match reply {
+            Some(reply) => send(reply, settle_outcome(outcome)),
+            None => {
+                if let Err(err) = outcome {
+                    tracing::warn!(task_id = %settled.task.id, error = %err, "failed attempt was not recorded");
                 }
-                None => {
-                    tracing::warn!(%task_id, error = %error, "failed attempt was not recorded; the task is offered again")
-                }
+            }
+        },
+        WriteOp::Cancel { reply, .. } => send(
+            reply,
+            outcome.and_then(|done| match done {
+                Done::Cancelled(state) => Ok(state),
+                _ => Err(mismatch()),
+            }),
+        ),
+        WriteOp::PurgeQueue { reply, .. }
+        | WriteOp::RequeueDead { reply, .. }
+        | WriteOp::DeleteDead { reply, .. } => send(
+            reply,
+            outcome.and_then(|done| match done {
+                Done::Count(count) => Ok(count),
+                _ => Err(mismatch()),
+            }),
+        ),
+        WriteOp::UpdateSettings { reply, .. } => send(
+            reply,
+            outcome.and_then(|done| match done {
+                Done::Settings(record) => Ok(record),
+                _ => Err(mismatch()),
+            }),
+        ),
+        WriteOp::Purge => {
+            if let Err(err) = outcome {
+                tracing::warn!(error = %err, "purge of expired entries failed");
             }
         }
     }
 }
 
-fn read_record(
-    table: &Table<u128, &[u8]>,
-    task_id: TaskId,
-) -> Result<Result<TaskRecord, StoreError>, StoreError> {
-    let Some(value) = table.get(task_id.as_key())? else {
-        return Ok(Err(StoreError::Missing(task_id)));
+fn settle_outcome(outcome: Result<Done, BrokerError>) -> Result<SettleOutcome, BrokerError> {
+    outcome.and_then(|done| match done {
+        Done::Settled(settled) => Ok(settled),
+        _ => Err(BrokerError::Store(StoreError::WriterStopped)),
+    })
+}
+
+/// Replies to a request of a batch that failed to commit. The caller undoes the
+/// dispatcher's claims.
+fn fail_request(op: WriteOp, message: &str) {
+    let error = || {
+        BrokerError::Store(StoreError::BatchFailed {
+            message: message.to_owned(),
+        })
     };
-    Ok(decode_record(task_id, value.value()))
+    match op {
+        WriteOp::Fail {
+            reply: None,
+            settled,
+            ..
+        } => {
+            tracing::warn!(task_id = %settled.task.id, error = message, "failed attempt was not recorded; the task is offered again");
+        }
+        WriteOp::Purge => {}
+        op => reply(op, Err(error())),
+    }
 }

@@ -1,0 +1,653 @@
+//! How each write request changes the tables. Runs on the writer thread inside the
+//! batch's write transaction.
+
+use std::sync::Arc;
+
+use docket_proto::storage::{AttemptRecord, QueueSettingsRecord, TaskRecord, TaskRecordState};
+use docket_proto::v1::TaskState;
+use prost::Message;
+use prost::bytes::Bytes;
+use redb::{ReadableTable, Table, WriteTransaction};
+
+use super::records::{enter_state, is_final, ready_task, wire_state};
+use super::writer::{DeadSelection, Enqueued, Failure, SettingsUpdate, SettleOutcome};
+use super::{
+    DEAD, IDEMPOTENCY, IDEMPOTENCY_EXPIRY, QUEUES, RETENTION, TASKS, add_micros, decode_record,
+};
+use crate::dispatch::{Claim, Dispatcher, Effect, FinalState, ReadyTask, SettledLease};
+use crate::error::{BrokerError, StoreError};
+use crate::settings::{QueueSettings, SettingsCache};
+use crate::task::{NewTask, QueueName, TaskId};
+
+/// Maximum number of dead tasks that one requeue or delete of a whole queue changes in
+/// one transaction; the broker repeats the request until fewer are left.
+pub const DEAD_BATCH: usize = 1000;
+
+/// Maximum number of expired tasks or keys that one purge deletes.
+const PURGE_BATCH: usize = 10_000;
+
+/// The tables of one write transaction.
+pub(crate) struct Tables<'txn> {
+    tasks: Table<'txn, u128, &'static [u8]>,
+    idempotency: Table<'txn, (&'static str, &'static str), (u128, i64)>,
+    idempotency_expiry: Table<'txn, (i64, &'static str, &'static str), ()>,
+    retention: Table<'txn, (i64, u128), ()>,
+    dead: Table<'txn, (&'static str, i64, u128), ()>,
+    queues: Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl<'txn> Tables<'txn> {
+    pub fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            tasks: txn.open_table(TASKS)?,
+            idempotency: txn.open_table(IDEMPOTENCY)?,
+            idempotency_expiry: txn.open_table(IDEMPOTENCY_EXPIRY)?,
+            retention: txn.open_table(RETENTION)?,
+            dead: txn.open_table(DEAD)?,
+            queues: txn.open_table(QUEUES)?,
+        })
+    }
+
+    pub fn get_task(&self, task_id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let Some(value) = self.tasks.get(task_id.as_key())? else {
+            return Ok(None);
+        };
+        decode_record(task_id, value.value()).map(Some)
+    }
+
+    pub fn put_task(&mut self, task_id: TaskId, record: &TaskRecord) -> Result<(), StoreError> {
+        self.tasks
+            .insert(task_id.as_key(), record.encode_to_vec().as_slice())?;
+        Ok(())
+    }
+
+    /// Deletes a task with its index entries and its idempotency key.
+    fn delete_task(&mut self, task_id: TaskId, record: &TaskRecord) -> Result<(), StoreError> {
+        self.tasks.remove(task_id.as_key())?;
+        if record.expires_at_us != 0 {
+            self.retention
+                .remove((record.expires_at_us, task_id.as_key()))?;
+        }
+        if record.state() == TaskRecordState::Dead {
+            self.dead.remove((
+                record.queue.as_str(),
+                record.updated_at_us,
+                task_id.as_key(),
+            ))?;
+        }
+        self.release_idempotency_key(task_id, record)
+    }
+
+    fn release_idempotency_key(
+        &mut self,
+        task_id: TaskId,
+        record: &TaskRecord,
+    ) -> Result<(), StoreError> {
+        if record.idempotency_key.is_empty() {
+            return Ok(());
+        }
+        let key = (record.queue.as_str(), record.idempotency_key.as_str());
+        let owned = self
+            .idempotency
+            .get(key)?
+            .is_some_and(|entry| entry.value().0 == task_id.as_key());
+        if owned {
+            self.idempotency.remove(key)?;
+        }
+        Ok(())
+    }
+
+    pub fn queue_settings(&self, queue: &str) -> Result<Option<QueueSettingsRecord>, StoreError> {
+        let Some(value) = self.queues.get(queue)? else {
+            return Ok(None);
+        };
+        QueueSettingsRecord::decode(value.value())
+            .map(Some)
+            .map_err(|source| StoreError::DecodeSettings {
+                queue: queue.to_owned(),
+                source,
+            })
+    }
+}
+
+/// Moves a record into a final state: history, retention expiry and index entries. The
+/// caller writes the record.
+pub(crate) fn finish(
+    tables: &mut Tables<'_>,
+    task_id: TaskId,
+    record: &mut TaskRecord,
+    state: TaskRecordState,
+    now_us: i64,
+    settings: &QueueSettings,
+) -> Result<(), StoreError> {
+    enter_state(record, state, now_us);
+    record.retry_at_us = 0;
+    let retention = if state == TaskRecordState::Dead {
+        settings.dead_retention
+    } else {
+        settings.retention
+    };
+    record.expires_at_us = add_micros(now_us, retention);
+    tables
+        .retention
+        .insert((record.expires_at_us, task_id.as_key()), ())?;
+    if state == TaskRecordState::Dead {
+        tables
+            .dead
+            .insert((record.queue.as_str(), now_us, task_id.as_key()), ())?;
+    }
+    Ok(())
+}
+
+fn final_state(state: TaskRecordState) -> Option<FinalState> {
+    match state {
+        TaskRecordState::Succeeded => Some(FinalState::Succeeded),
+        TaskRecordState::Dead => Some(FinalState::Dead),
+        TaskRecordState::Cancelled => Some(FinalState::Cancelled),
+        _ => None,
+    }
+}
+
+fn count(queue: &str, state: TaskRecordState, delta: i64, effects: &mut Vec<Effect>) {
+    if let (Some(state), Ok(queue)) = (final_state(state), QueueName::parse("queue", queue)) {
+        effects.push(Effect::Count {
+            queue,
+            state,
+            delta,
+        });
+    }
+}
+
+/// What one request needs from the writer besides the tables.
+pub(crate) struct Context<'a> {
+    pub dispatcher: &'a Dispatcher,
+    pub settings: &'a SettingsCache,
+    pub now_us: i64,
+    pub next_sequence: &'a mut u64,
+    pub rng: &'a mut rand::rngs::StdRng,
+    /// Committed changes for the dispatcher, in order.
+    pub effects: Vec<Effect>,
+    /// Changes that undo the request's claims on the dispatcher if the batch fails.
+    pub rollback: Vec<Effect>,
+    /// Tasks whose new status watchers should see.
+    pub changed: Vec<TaskId>,
+}
+
+pub(crate) fn enqueue(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    tasks: &[NewTask],
+) -> Result<Vec<Enqueued>, StoreError> {
+    let mut enqueued = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let settings = cx.settings.get(&task.queue);
+        if let Some(key) = &task.idempotency_key
+            && let Some(existing) = find_idempotent(tables, &task.queue, key, cx.now_us)?
+        {
+            enqueued.push(Enqueued {
+                id: existing,
+                duplicate: true,
+            });
+            continue;
+        }
+
+        let task_id = TaskId::generate();
+        let mut record = TaskRecord {
+            queue: task.queue.as_str().to_owned(),
+            kind: task.kind.clone(),
+            payload: task.payload.clone(),
+            headers: task.headers.clone(),
+            priority: task.priority,
+            max_attempts: task.max_attempts.unwrap_or(settings.max_attempts),
+            sequence: *cx.next_sequence,
+            created_at_us: cx.now_us,
+            idempotency_key: task.idempotency_key.clone().unwrap_or_default(),
+            retry_policy: Some(
+                task.retry_policy
+                    .as_ref()
+                    .unwrap_or(&settings.retry_policy)
+                    .to_record(),
+            ),
+            ..TaskRecord::default()
+        };
+        *cx.next_sequence += 1;
+        enter_state(&mut record, TaskRecordState::Pending, cx.now_us);
+        tables.put_task(task_id, &record)?;
+
+        if let Some(key) = &task.idempotency_key {
+            let expires_at = add_micros(cx.now_us, settings.idempotency_window);
+            tables.idempotency.insert(
+                (task.queue.as_str(), key.as_str()),
+                (task_id.as_key(), expires_at),
+            )?;
+            tables
+                .idempotency_expiry
+                .insert((expires_at, task.queue.as_str(), key.as_str()), ())?;
+        }
+        cx.effects
+            .push(Effect::Ready(Arc::new(ready_task(task_id, &record)?)));
+        enqueued.push(Enqueued {
+            id: task_id,
+            duplicate: false,
+        });
+    }
+    Ok(enqueued)
+}
+
+/// Returns the task that holds an unexpired idempotency key, if it still exists.
+fn find_idempotent(
+    tables: &Tables<'_>,
+    queue: &QueueName,
+    key: &str,
+    now_us: i64,
+) -> Result<Option<TaskId>, StoreError> {
+    let Some(entry) = tables.idempotency.get((queue.as_str(), key))? else {
+        return Ok(None);
+    };
+    let (task, expires_at) = entry.value();
+    if expires_at <= now_us || tables.tasks.get(task)?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(TaskId::from_key(task)))
+}
+
+fn record_attempt(record: &mut TaskRecord, settled: &SettledLease, error: &str, now_us: i64) {
+    record.attempts += 1;
+    record.attempt_history.push(AttemptRecord {
+        number: record.attempts,
+        started_at_us: settled.started_at_us,
+        finished_at_us: now_us,
+        error: error.to_owned(),
+    });
+    enter_state(record, TaskRecordState::Leased, settled.started_at_us);
+}
+
+fn read_settled(tables: &Tables<'_>, settled: &SettledLease) -> Result<TaskRecord, BrokerError> {
+    match tables.get_task(settled.task.id)? {
+        Some(record) => Ok(record),
+        None => Err(StoreError::Corrupt {
+            task_id: settled.task.id,
+            message: "a leased task is missing from the store".to_owned(),
+        }
+        .into()),
+    }
+}
+
+pub(crate) fn complete(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    settled: &SettledLease,
+    result: &Bytes,
+) -> Result<Result<SettleOutcome, BrokerError>, StoreError> {
+    let mut record = match read_settled(tables, settled) {
+        Ok(record) => record,
+        Err(BrokerError::Store(err)) if !matches!(err, StoreError::Corrupt { .. }) => {
+            return Err(err);
+        }
+        Err(err) => return Ok(Err(err)),
+    };
+    if is_final(record.state()) {
+        // Cancelled while the Ack waited for the writer; the cancellation stands.
+        return Ok(Ok(SettleOutcome {
+            state: record.state(),
+            cancel_requested: record.cancel_requested,
+        }));
+    }
+
+    record_attempt(&mut record, settled, "", cx.now_us);
+    record.result = result.clone();
+    let settings = cx.settings.get(&settled.task.queue);
+    finish(
+        tables,
+        settled.task.id,
+        &mut record,
+        TaskRecordState::Succeeded,
+        cx.now_us,
+        &settings,
+    )?;
+    tables.put_task(settled.task.id, &record)?;
+    count(
+        &record.queue,
+        TaskRecordState::Succeeded,
+        1,
+        &mut cx.effects,
+    );
+    cx.changed.push(settled.task.id);
+    Ok(Ok(SettleOutcome {
+        state: TaskRecordState::Succeeded,
+        cancel_requested: record.cancel_requested,
+    }))
+}
+
+pub(crate) fn fail(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    settled: &SettledLease,
+    failure: &Failure,
+) -> Result<Result<SettleOutcome, BrokerError>, StoreError> {
+    let mut record = match read_settled(tables, settled) {
+        Ok(record) => record,
+        Err(BrokerError::Store(err)) if !matches!(err, StoreError::Corrupt { .. }) => {
+            return Err(err);
+        }
+        Err(err) => return Ok(Err(err)),
+    };
+    if is_final(record.state()) {
+        return Ok(Ok(SettleOutcome {
+            state: record.state(),
+            cancel_requested: record.cancel_requested,
+        }));
+    }
+
+    record_attempt(&mut record, settled, &failure.error, cx.now_us);
+    record.last_error.clone_from(&failure.error);
+    let settings = cx.settings.get(&settled.task.queue);
+    let task_id = settled.task.id;
+
+    let state = if record.cancel_requested {
+        TaskRecordState::Cancelled
+    } else if failure.no_retry || record.attempts >= record.max_attempts {
+        TaskRecordState::Dead
+    } else {
+        let policy = record
+            .retry_policy
+            .as_ref()
+            .map(crate::retry::RetryPolicy::from_record);
+        let delay = match (failure.retry_delay, policy) {
+            (Some(delay), _) => delay,
+            (None, Some(policy)) => policy.delay(record.attempts, cx.rng),
+            (None, None) => settings.retry_policy.delay(record.attempts, cx.rng),
+        };
+        let retry_task = Arc::new(ReadyTask {
+            attempts: record.attempts,
+            ..ReadyTask::clone(&settled.task)
+        });
+        if delay.is_zero() {
+            enter_state(&mut record, TaskRecordState::Pending, cx.now_us);
+            cx.effects.push(Effect::Ready(retry_task));
+            TaskRecordState::Pending
+        } else {
+            record.retry_at_us = add_micros(cx.now_us, delay);
+            enter_state(&mut record, TaskRecordState::RetryWait, cx.now_us);
+            cx.effects.push(Effect::Wait {
+                task: retry_task,
+                retry_at_us: record.retry_at_us,
+            });
+            TaskRecordState::RetryWait
+        }
+    };
+    if is_final(state) {
+        finish(tables, task_id, &mut record, state, cx.now_us, &settings)?;
+        count(&record.queue, state, 1, &mut cx.effects);
+    }
+    tables.put_task(task_id, &record)?;
+    cx.changed.push(task_id);
+    Ok(Ok(SettleOutcome {
+        state,
+        cancel_requested: record.cancel_requested,
+    }))
+}
+
+pub(crate) fn cancel(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    task_id: TaskId,
+) -> Result<Result<TaskState, BrokerError>, StoreError> {
+    let Some(mut record) = tables.get_task(task_id)? else {
+        return Ok(Err(BrokerError::TaskNotFound(task_id)));
+    };
+    if is_final(record.state()) {
+        return Ok(Err(BrokerError::TaskFinal {
+            task_id,
+            state: wire_state(record.state()).as_str_name(),
+        }));
+    }
+
+    match cx.dispatcher.claim(task_id) {
+        Claim::Leased => {
+            record.cancel_requested = true;
+            tables.put_task(task_id, &record)?;
+            cx.effects.push(Effect::CancelRequested(task_id));
+            cx.changed.push(task_id);
+            return Ok(Ok(TaskState::Leased));
+        }
+        Claim::Ready(task) => cx.rollback.push(Effect::Ready(task)),
+        Claim::Waiting { task, retry_at_us } => {
+            cx.rollback.push(Effect::Wait { task, retry_at_us })
+        }
+        // Being settled: the Ack or Nack that follows finds the task cancelled.
+        Claim::Absent => {}
+    }
+    let settings = cx
+        .settings
+        .get(
+            &QueueName::parse("queue", &record.queue).map_err(|_| StoreError::Corrupt {
+                task_id,
+                message: format!("invalid queue name {:?}", record.queue),
+            })?,
+        );
+    finish(
+        tables,
+        task_id,
+        &mut record,
+        TaskRecordState::Cancelled,
+        cx.now_us,
+        &settings,
+    )?;
+    tables.put_task(task_id, &record)?;
+    // The task may also have become ready earlier in this batch.
+    cx.effects.push(Effect::Forget(task_id));
+    count(
+        &record.queue,
+        TaskRecordState::Cancelled,
+        1,
+        &mut cx.effects,
+    );
+    cx.changed.push(task_id);
+    Ok(Ok(TaskState::Cancelled))
+}
+
+pub(crate) fn purge_queue(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    tasks: &[Arc<ReadyTask>],
+) -> Result<u64, StoreError> {
+    let mut purged = 0;
+    for task in tasks {
+        cx.rollback.push(Effect::Ready(Arc::clone(task)));
+        let Some(record) = tables.get_task(task.id)? else {
+            continue;
+        };
+        if matches!(
+            record.state(),
+            TaskRecordState::Pending | TaskRecordState::RetryWait
+        ) {
+            tables.delete_task(task.id, &record)?;
+            purged += 1;
+        }
+    }
+    Ok(purged)
+}
+
+pub(crate) fn update_settings(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    queue: &QueueName,
+    update: &SettingsUpdate,
+) -> Result<QueueSettingsRecord, StoreError> {
+    let mut record = tables.queue_settings(queue.as_str())?.unwrap_or_default();
+    let patch = &update.patch;
+    if patch.max_attempts.is_some() {
+        record.max_attempts = patch.max_attempts;
+    }
+    if patch.retry_policy.is_some() {
+        record.retry_policy.clone_from(&patch.retry_policy);
+    }
+    if patch.lease_duration_ms.is_some() {
+        record.lease_duration_ms = patch.lease_duration_ms;
+    }
+    if patch.retention_ms.is_some() {
+        record.retention_ms = patch.retention_ms;
+    }
+    if patch.dead_retention_ms.is_some() {
+        record.dead_retention_ms = patch.dead_retention_ms;
+    }
+    if patch.idempotency_window_ms.is_some() {
+        record.idempotency_window_ms = patch.idempotency_window_ms;
+    }
+    if let Some(paused) = update.paused {
+        record.paused = paused;
+    }
+    tables
+        .queues
+        .insert(queue.as_str(), record.encode_to_vec().as_slice())?;
+    cx.effects.push(Effect::Paused {
+        queue: queue.clone(),
+        paused: record.paused,
+    });
+    Ok(record)
+}
+
+/// Returns the dead tasks of a queue that a selection names, at most `DEAD_BATCH` for
+/// `All`.
+fn select_dead(
+    tables: &Tables<'_>,
+    queue: &QueueName,
+    selection: &DeadSelection,
+) -> Result<Vec<(TaskId, TaskRecord)>, StoreError> {
+    let mut selected = Vec::new();
+    match selection {
+        DeadSelection::Ids(ids) => {
+            for &task_id in ids {
+                if let Some(record) = tables.get_task(task_id)?
+                    && record.queue == queue.as_str()
+                    && record.state() == TaskRecordState::Dead
+                {
+                    selected.push((task_id, record));
+                }
+            }
+        }
+        DeadSelection::All => {
+            let start = (queue.as_str(), i64::MIN, 0u128);
+            let end = (queue.as_str(), i64::MAX, u128::MAX);
+            let mut ids = Vec::new();
+            for entry in tables.dead.range(start..=end)?.take(DEAD_BATCH) {
+                let (key, _) = entry?;
+                ids.push(TaskId::from_key(key.value().2));
+            }
+            for task_id in ids {
+                if let Some(record) = tables.get_task(task_id)? {
+                    selected.push((task_id, record));
+                }
+            }
+        }
+    }
+    Ok(selected)
+}
+
+pub(crate) fn requeue_dead(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    queue: &QueueName,
+    selection: &DeadSelection,
+) -> Result<u64, StoreError> {
+    let selected = select_dead(tables, queue, selection)?;
+    for (task_id, mut record) in selected.iter().cloned() {
+        tables.dead.remove((
+            record.queue.as_str(),
+            record.updated_at_us,
+            task_id.as_key(),
+        ))?;
+        tables
+            .retention
+            .remove((record.expires_at_us, task_id.as_key()))?;
+        record.attempts = 0;
+        record.expires_at_us = 0;
+        record.cancel_requested = false;
+        enter_state(&mut record, TaskRecordState::Pending, cx.now_us);
+        tables.put_task(task_id, &record)?;
+        cx.effects
+            .push(Effect::Ready(Arc::new(ready_task(task_id, &record)?)));
+        count(&record.queue, TaskRecordState::Dead, -1, &mut cx.effects);
+        cx.changed.push(task_id);
+    }
+    Ok(selected.len() as u64)
+}
+
+pub(crate) fn delete_dead(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    queue: &QueueName,
+    selection: &DeadSelection,
+) -> Result<u64, StoreError> {
+    let selected = select_dead(tables, queue, selection)?;
+    for (task_id, record) in &selected {
+        tables.delete_task(*task_id, record)?;
+        count(&record.queue, TaskRecordState::Dead, -1, &mut cx.effects);
+    }
+    Ok(selected.len() as u64)
+}
+
+/// Deletes tasks whose retention has ended and idempotency keys whose window has ended,
+/// at most `PURGE_BATCH` of each.
+pub(crate) fn purge_expired(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+) -> Result<(), StoreError> {
+    let now_us = cx.now_us;
+    let mut expired = Vec::new();
+    for entry in tables
+        .retention
+        .range(..(now_us.saturating_add(1), 0u128))?
+        .take(PURGE_BATCH)
+    {
+        let (key, _) = entry?;
+        expired.push(key.value());
+    }
+    let mut purged = 0;
+    for (expires_at, task) in expired {
+        tables.retention.remove((expires_at, task))?;
+        let task_id = TaskId::from_key(task);
+        let Some(record) = tables.get_task(task_id)? else {
+            continue;
+        };
+        // An older index entry of a task that was requeued and finished again.
+        if record.expires_at_us != expires_at {
+            continue;
+        }
+        tables.delete_task(task_id, &record)?;
+        count(&record.queue, record.state(), -1, &mut cx.effects);
+        purged += 1;
+    }
+
+    let mut keys = Vec::new();
+    for entry in tables
+        .idempotency_expiry
+        .range(..(now_us.saturating_add(1), "", ""))?
+        .take(PURGE_BATCH)
+    {
+        let (key, _) = entry?;
+        let (expires_at, queue, idempotency_key) = key.value();
+        keys.push((expires_at, queue.to_owned(), idempotency_key.to_owned()));
+    }
+    for (expires_at, queue, key) in &keys {
+        tables
+            .idempotency_expiry
+            .remove((*expires_at, queue.as_str(), key.as_str()))?;
+        let current = tables
+            .idempotency
+            .get((queue.as_str(), key.as_str()))?
+            .map(|entry| entry.value().1);
+        if current == Some(*expires_at) {
+            tables.idempotency.remove((queue.as_str(), key.as_str()))?;
+        }
+    }
+    if purged > 0 || !keys.is_empty() {
+        tracing::debug!(
+            tasks = purged,
+            idempotency_keys = keys.len(),
+            "purged expired entries"
+        );
+    }
+    Ok(())
+}
