@@ -84,6 +84,15 @@ pub enum StoreError {
         source: prost::DecodeError,
     },
 
+    /// Another process has the database file open.
+    #[error(
+        "{path} is open in another process, probably another broker on the same --data-dir; stop it or choose another folder"
+    )]
+    AlreadyOpen {
+        /// The database file.
+        path: std::path::PathBuf,
+    },
+
     /// The data folder could not be created.
     #[error("cannot create data folder {path}: {source}")]
     DataDir {

@@ -189,18 +189,30 @@ fn single_result(results: Vec<SettleResult>) -> Result<SettleResult, Error> {
     Ok(result)
 }
 
+/// Parses a broker endpoint. A bare `host:port`, the form the broker's `--listen` takes,
+/// means plain-text HTTP/2 at that address.
 fn parse_endpoint(endpoint: &str) -> Result<Endpoint, Error> {
-    let parsed =
-        Endpoint::from_shared(endpoint.to_owned()).map_err(|source| Error::InvalidEndpoint {
-            endpoint: endpoint.to_owned(),
-            source,
-        })?;
+    let url = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let parsed = Endpoint::from_shared(url).map_err(|source| Error::InvalidEndpoint {
+        endpoint: endpoint.to_owned(),
+        source,
+    })?;
     Ok(parsed.connect_timeout(CONNECT_TIMEOUT))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_without_scheme_means_http() {
+        let endpoint = parse_endpoint("127.0.0.1:7070").expect("host and port parse");
+        assert_eq!(endpoint.uri().to_string(), "http://127.0.0.1:7070/");
+    }
 
     #[tokio::test]
     async fn connect_lazy_rejects_invalid_uri() {

@@ -73,7 +73,15 @@ impl Store {
             path: data_dir.to_path_buf(),
             source,
         })?;
-        let db = Database::create(path)?;
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::AlreadyOpen {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(err) => return Err(err.into()),
+        };
 
         // Create the tables up front, so that read transactions never find them missing.
         let txn = db.begin_write()?;
