@@ -150,13 +150,11 @@ impl Broker {
         let settled = self.dispatcher.settle(&lease_id, Redeliver::Now)?;
         tracing::debug!(task_id = %settled.task.id, %lease_id, "ack");
         let (reply, response) = oneshot::channel();
-        self.writer
-            .send(WriteOp::Complete {
-                settled,
-                result: item.result,
-                reply,
-            })
-            .await?;
+        self.writer.send_detached(WriteOp::Complete {
+            settled,
+            result: item.result,
+            reply,
+        });
         Ok(response)
     }
 
@@ -187,13 +185,11 @@ impl Broker {
         let settled = self.dispatcher.settle(&lease_id, Redeliver::AfterCommit)?;
         tracing::debug!(task_id = %settled.task.id, %lease_id, "nack");
         let (reply, response) = oneshot::channel();
-        self.writer
-            .send(WriteOp::Fail {
-                settled,
-                failure: item.failure,
-                reply: Some(reply),
-            })
-            .await?;
+        self.writer.send_detached(WriteOp::Fail {
+            settled,
+            failure: item.failure,
+            reply: Some(reply),
+        });
         Ok(response)
     }
 
@@ -285,8 +281,10 @@ impl Broker {
         if tasks.is_empty() {
             return Ok(0);
         }
-        self.request(|reply| WriteOp::PurgeQueue { tasks, reply })
-            .await
+        let (reply, response) = oneshot::channel();
+        self.writer
+            .send_detached(WriteOp::PurgeQueue { tasks, reply });
+        response.await.map_err(|_| StoreError::WriterStopped)?
     }
 
     /// Returns a queue's settings with the defaults filled in.
@@ -428,21 +426,11 @@ impl Broker {
     }
 
     fn record_failure_in_background(&self, settled: SettledLease, error: &str) {
-        let op = WriteOp::Fail {
+        self.writer.send_detached(WriteOp::Fail {
             settled,
             failure: Failure::released(error),
             reply: None,
-        };
-        if let Err(op) = self.writer.try_send(op) {
-            let writer = self.writer.clone();
-            tokio::spawn(async move {
-                if writer.send(*op).await.is_err() {
-                    tracing::warn!(
-                        "storage writer stopped before a released lease was recorded; the task is offered again after restart"
-                    );
-                }
-            });
-        }
+        });
     }
 }
 

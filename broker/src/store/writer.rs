@@ -181,6 +181,23 @@ impl WriterHandle {
             .map_err(|_| StoreError::WriterStopped)
     }
 
+    /// Queues a request without being cancellable: if the channel is full, a spawned task
+    /// waits for room. For requests whose state the caller already took from the
+    /// dispatcher, such as a settled lease, which would be stranded in memory if a dropped
+    /// RPC future lost the request.
+    pub fn send_detached(&self, op: WriteOp) {
+        if let Err(op) = self.try_send(op) {
+            let sender = self.sender.clone();
+            tokio::spawn(async move {
+                if sender.send(*op).await.is_err() {
+                    tracing::warn!(
+                        "storage writer stopped before a request was queued; its task is offered again after restart"
+                    );
+                }
+            });
+        }
+    }
+
     /// Queues a request without waiting. Returns the request, boxed, if the channel is
     /// full or closed.
     pub fn try_send(&self, op: WriteOp) -> Result<(), Box<WriteOp>> {
@@ -291,8 +308,10 @@ impl Writer {
                 self.settings.set(queue.clone(), *record);
             }
         }
-        self.dispatcher.apply(effects);
+        // Watchers get the committed statuses before the effects run, because dispatching
+        // may deliver a task at once and publish its LEASED status.
         self.publish_to_watchers(&changed);
+        self.dispatcher.apply(effects);
 
         for (op, outcome) in batch.drain(..).zip(outcomes) {
             reply(op, outcome);
