@@ -224,7 +224,8 @@ impl Broker {
         Ok(status_of(task_id, &record, lease.as_ref()))
     }
 
-    /// Cancels a task. Returns CANCELLED, or LEASED if its worker was told to stop.
+    /// Cancels a task. Returns CANCELLED, or LEASED if its worker was sent a cancellation
+    /// notice.
     ///
     /// # Errors
     ///

@@ -71,7 +71,7 @@ pub enum StoreError {
     Corrupt {
         /// Key of the record.
         task_id: TaskId,
-        /// What is inconsistent.
+        /// Description of the inconsistency.
         message: String,
     },
 

@@ -8,7 +8,7 @@ use rand::Rng;
 
 use crate::error::BrokerError;
 
-/// Longest delay that a retry policy or a Nack may ask for.
+/// Maximum delay that a retry policy or a Nack may request.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Largest growth factor of a retry policy.

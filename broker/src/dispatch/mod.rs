@@ -118,7 +118,7 @@ pub struct Subscription {
     pub lease_duration: Option<Duration>,
 }
 
-/// Where a task to be cancelled was found.
+/// Location of a task that is about to be cancelled.
 #[derive(Debug)]
 pub enum Claim {
     /// Ready; it was removed.

@@ -32,7 +32,7 @@ pub(super) struct State {
     ready_count: usize,
     /// Retry-waiting tasks of all queues.
     waiting: BTreeMap<WaitKey, Arc<ReadyTask>>,
-    /// Where each ready or waiting task sits, so that it can be removed by id.
+    /// Location of each ready or waiting task, so that it can be removed by id.
     located: HashMap<TaskId, Location>,
     subscribers: BTreeMap<SubscriberId, Subscriber>,
     next_subscriber: SubscriberId,

@@ -246,7 +246,7 @@ fn paused_queue_delivers_nothing_until_resumed() {
 }
 
 #[test]
-fn waiting_task_is_delivered_only_after_its_retry_time() {
+fn waiting_task_waits_for_retry_time() {
     let dispatcher = dispatcher();
     let task = ready("q", 0, 1);
     dispatcher.apply(vec![Effect::Wait {

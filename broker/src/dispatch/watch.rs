@@ -32,7 +32,7 @@ struct Inner {
 }
 
 struct Watched {
-    /// Last status sent, the base for changes that only the dispatcher sees.
+    /// Last status sent, the base for changes that only the dispatcher observes.
     last: Option<v1::TaskStatus>,
     senders: Vec<(WatcherId, mpsc::Sender<v1::TaskStatus>)>,
 }
@@ -100,7 +100,7 @@ impl WatchRegistry {
         watched.last = Some(status);
     }
 
-    /// Sends a change that only the dispatcher sees (a delivery, or the end of a retry
+    /// Sends a change that only the dispatcher observes (a delivery, or the end of a retry
     /// wait), derived from the last published status. Skipped when no status is known yet.
     pub fn publish_state(
         &self,

@@ -16,7 +16,7 @@ use crate::store::writer::SettleOutcome;
 /// Shortest retention or dead retention that a queue may set.
 const MIN_RETENTION: Duration = Duration::from_secs(60);
 
-/// Longest retention, dead retention or idempotency window that a queue may set.
+/// Maximum retention, dead retention or idempotency window that a queue may set.
 const MAX_KEEP: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 
 /// Converts a wire duration in `field`, which must lie within `min..=max`.

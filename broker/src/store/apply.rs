@@ -1,5 +1,5 @@
-//! How each write request changes the tables. Runs on the writer thread inside the
-//! batch's write transaction.
+//! Table changes of each write request. They run on the writer thread inside the batch's
+//! write transaction.
 
 use std::sync::Arc;
 
@@ -20,7 +20,7 @@ use crate::settings::{QueueSettings, SettingsCache};
 use crate::task::{NewTask, QueueName, TaskId};
 
 /// Maximum number of dead tasks that one requeue or delete of a whole queue changes in
-/// one transaction; the broker repeats the request until fewer are left.
+/// one transaction. The broker repeats the request until fewer are left.
 pub const DEAD_BATCH: usize = 1000;
 
 /// Maximum number of expired tasks or keys that one purge deletes.
@@ -158,7 +158,7 @@ fn count(queue: &str, state: TaskRecordState, delta: i64, effects: &mut Vec<Effe
     }
 }
 
-/// What one request needs from the writer besides the tables.
+/// Writer state that a request needs besides the tables.
 pub(crate) struct Context<'a> {
     pub dispatcher: &'a Dispatcher,
     pub settings: &'a SettingsCache,
@@ -234,7 +234,7 @@ pub(crate) fn enqueue(
     Ok(enqueued)
 }
 
-/// Returns the task that holds an unexpired idempotency key, if it still exists.
+/// Returns the task that owns an unexpired idempotency key, if it still exists.
 fn find_idempotent(
     tables: &Tables<'_>,
     queue: &QueueName,
@@ -287,7 +287,7 @@ pub(crate) fn complete(
         Err(err) => return Ok(Err(err)),
     };
     if is_final(record.state()) {
-        // Cancelled while the Ack waited for the writer; the cancellation stands.
+        // Cancelled while the Ack waited for the writer, so the cancellation is kept.
         return Ok(Ok(SettleOutcome {
             state: record.state(),
             cancel_requested: record.cancel_requested,

@@ -59,7 +59,7 @@ pub enum WriteOp {
     Cancel {
         /// The task.
         task_id: TaskId,
-        /// Receives CANCELLED, or LEASED if the holding worker was told to stop.
+        /// Receives CANCELLED, or LEASED if the holding worker was sent a cancellation notice.
         reply: Reply<TaskState>,
     },
     /// Delete tasks that the dispatcher already removed from a queue's ready and waiting
@@ -83,7 +83,7 @@ pub enum WriteOp {
     RequeueDead {
         /// The queue.
         queue: QueueName,
-        /// Which dead tasks.
+        /// Selection of dead tasks.
         selection: DeadSelection,
         /// Receives the number of tasks requeued.
         reply: Reply<u64>,
@@ -92,7 +92,7 @@ pub enum WriteOp {
     DeleteDead {
         /// The queue.
         queue: QueueName,
-        /// Which dead tasks.
+        /// Selection of dead tasks.
         selection: DeadSelection,
         /// Receives the number of tasks deleted.
         reply: Reply<u64>,
@@ -113,7 +113,8 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// A failure the broker records itself, for an expired lease or a closed stream.
+    /// Creates the failure that the broker records itself, for an expired lease or a
+    /// closed stream.
     pub fn released(error: &str) -> Self {
         Failure {
             error: error.to_owned(),
