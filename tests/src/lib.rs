@@ -11,14 +11,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use docket_proto::v1::broker_client::BrokerClient;
 use docket_proto::v1::subscribe_response::Event;
 use docket_proto::v1::{
-    AckRequest, Delivery, EnqueueRequest, GetTaskRequest, NackRequest, NewTask, SubscribeRequest,
+    AckRequest, CancelNotice, Delivery, EnqueueRequest, ExtendLeaseRequest, ExtendLeaseResponse,
+    GetQueueStatsRequest, GetTaskRequest, NackRequest, NewTask, QueueStats, SubscribeRequest,
     TaskState, TaskStatus,
 };
 use tokio::sync::mpsc;
@@ -575,6 +576,141 @@ pub fn single_result(results: Vec<v1::SettleResult>) -> Result<v1::SettleResult,
     Ok(result)
 }
 
+/// Fails the attempts of `nacks` in one Nack call and returns the per-item results.
+pub async fn nack_items(
+    client: &mut BrokerClient<Channel>,
+    nacks: Vec<v1::NegativeAcknowledgement>,
+) -> Result<Vec<v1::SettleResult>> {
+    let response = within(WAIT, "Nack", async {
+        Ok(client.nack(NackRequest { nacks }).await?)
+    })
+    .await?;
+    Ok(response.into_inner().results)
+}
+
+/// Settles the leases of `acks` in one Ack call and returns the per-item results.
+pub async fn ack_items(
+    client: &mut BrokerClient<Channel>,
+    acks: Vec<v1::Acknowledgement>,
+) -> Result<Vec<v1::SettleResult>> {
+    let response = within(WAIT, "Ack", async {
+        Ok(client.ack(AckRequest { acks }).await?)
+    })
+    .await?;
+    Ok(response.into_inner().results)
+}
+
+/// Moves the deadline of lease `lease_id` to `extension` from now.
+pub async fn extend_lease(
+    client: &mut BrokerClient<Channel>,
+    lease_id: &str,
+    extension: Duration,
+) -> Result<ExtendLeaseResponse, tonic::Status> {
+    let request = ExtendLeaseRequest {
+        lease_id: lease_id.to_string(),
+        extension: Some(proto_duration(extension)),
+    };
+    match timeout(WAIT, client.extend_lease(request)).await {
+        Ok(response) => Ok(response?.into_inner()),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "ExtendLease of lease {lease_id} timed out after {WAIT:?}"
+        ))),
+    }
+}
+
+/// Returns the task counts of `queue`.
+pub async fn queue_stats(client: &mut BrokerClient<Channel>, queue: &str) -> Result<QueueStats> {
+    let response = within(WAIT, "GetQueueStats", async {
+        Ok(client
+            .get_queue_stats(GetQueueStatsRequest {
+                queue: queue.to_string(),
+            })
+            .await?)
+    })
+    .await?;
+    response
+        .into_inner()
+        .stats
+        .ok_or_else(|| anyhow!("GetQueueStats for {queue} returned no stats"))
+}
+
+/// Polls `GetQueueStats` until `condition` holds for the counts of `queue`, and returns
+/// them then.
+pub async fn wait_for_stats(
+    client: &mut BrokerClient<Channel>,
+    queue: &str,
+    description: &str,
+    condition: impl Fn(&QueueStats) -> bool,
+) -> Result<QueueStats> {
+    let description = format!("queue {queue} stats: {description}");
+    within(WAIT, &description, async {
+        loop {
+            let stats = queue_stats(client, queue).await?;
+            if condition(&stats) {
+                return Ok(stats);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+/// Polls `GetTask` until the broker reports the task `task_id` as NOT_FOUND.
+pub async fn wait_for_not_found(client: &mut BrokerClient<Channel>, task_id: &str) -> Result<()> {
+    let description = format!("task {task_id} to be deleted");
+    within(WAIT, &description, async {
+        loop {
+            let request = GetTaskRequest {
+                task_id: task_id.to_string(),
+            };
+            match client.get_task(request).await {
+                Err(status) if status.code() == tonic::Code::NotFound => return Ok(()),
+                Err(status) => bail!("GetTask for {task_id} failed: {status}"),
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+}
+
+/// Asserts that `result` is an error with `code` whose message contains `field`.
+pub fn assert_rejected<T: std::fmt::Debug>(
+    case: &str,
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    field: &str,
+) {
+    let status = match result {
+        Ok(value) => panic!("{case}: expected {code:?}, but the request succeeded with {value:?}"),
+        Err(status) => status,
+    };
+    assert_eq!(
+        status.code(),
+        code,
+        "{case}: wrong status code, message {:?}",
+        status.message()
+    );
+    assert!(
+        status.message().contains(field),
+        "{case}: message {:?} does not name the field {field:?}",
+        status.message()
+    );
+}
+
+/// Converts a protobuf timestamp to the system clock's type.
+pub fn system_time(timestamp: &prost_types::Timestamp) -> SystemTime {
+    SystemTime::try_from(*timestamp).expect("timestamp within the range of SystemTime")
+}
+
+/// Returns `later - earlier` as a signed number of seconds, negative if `later` is
+/// earlier.
+pub fn seconds_between(earlier: SystemTime, later: SystemTime) -> f64 {
+    match later.duration_since(earlier) {
+        Ok(duration) => duration.as_secs_f64(),
+        Err(error) => -error.duration().as_secs_f64(),
+    }
+}
+
 /// Converts a duration to the protobuf type.
 pub fn proto_duration(duration: Duration) -> prost_types::Duration {
     prost_types::Duration {
@@ -605,6 +741,18 @@ impl Subscription {
             lease_duration: lease_duration.map(proto_duration),
             weights: HashMap::new(),
         };
+        Self::open_request(client, request).await
+    }
+
+    /// Opens a stream with the full request, for example one that sets queue weights.
+    ///
+    /// The broker may reject an invalid request in the call itself or as the first
+    /// message of the stream. In the second case this returns the stream, and the error
+    /// arrives with the first event.
+    pub async fn open_request(
+        client: &mut BrokerClient<Channel>,
+        request: SubscribeRequest,
+    ) -> Result<Self, tonic::Status> {
         let stream = match timeout(WAIT, client.subscribe(request)).await {
             Ok(response) => response?.into_inner(),
             Err(_) => {
@@ -652,6 +800,24 @@ impl Subscription {
                 Ok(Event::Delivery(delivery)) => return Ok(delivery),
                 Ok(Event::Heartbeat(_) | Event::CancelNotice(_)) => continue,
                 Err(error) => return Err(error.context("no delivery arrived")),
+            }
+        }
+    }
+
+    /// Waits up to [`WAIT`] for the next cancel notice, skipping heartbeats and failing
+    /// on a delivery.
+    pub async fn next_cancel_notice(&mut self) -> Result<CancelNotice> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.next_event(remaining).await {
+                Ok(Event::CancelNotice(notice)) => return Ok(notice),
+                Ok(Event::Heartbeat(_)) => continue,
+                Ok(Event::Delivery(delivery)) => bail!(
+                    "delivery with lease {} arrived while waiting for a cancel notice",
+                    delivery.lease_id
+                ),
+                Err(error) => return Err(error.context("no cancel notice arrived")),
             }
         }
     }

@@ -132,7 +132,11 @@ pub enum Claim {
     },
     /// Under a live lease; nothing was changed.
     Leased,
-    /// Not in memory: being settled, or not deliverable.
+    /// Its lease was settled, expired or released, and the outcome waits for the storage
+    /// writer; nothing was changed.
+    Settling,
+    /// Not in memory: it becomes ready or waiting when this batch commits, or it is not
+    /// deliverable.
     Absent,
 }
 
@@ -315,6 +319,11 @@ impl Dispatcher {
     /// that it cannot be delivered before the cancellation commits.
     pub fn claim(&self, task_id: TaskId) -> Claim {
         self.lock().claim(task_id)
+    }
+
+    /// Notes that the storage writer is applying the outcome of a task's settled lease.
+    pub fn finish_settling(&self, task_id: TaskId) {
+        self.lock().finish_settling(task_id);
     }
 
     /// Removes and returns every ready and retry-waiting task of a queue, for a purge.

@@ -1,7 +1,7 @@
 //! The dispatcher's state and the operations on it, all run under its mutex.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -40,6 +40,9 @@ pub(super) struct State {
     last_served: SubscriberId,
     leases: HashMap<LeaseId, Lease>,
     lease_by_task: HashMap<TaskId, LeaseId>,
+    /// Tasks whose lease was settled, expired or released and whose outcome the storage
+    /// writer has not applied yet.
+    settling: HashSet<TaskId>,
     /// Live leases by deadline; the serial breaks ties.
     deadlines: BTreeMap<(Instant, u64), LeaseId>,
     next_lease_serial: u64,
@@ -194,6 +197,9 @@ impl State {
         if self.lease_by_task.contains_key(&task_id) {
             return Claim::Leased;
         }
+        if self.settling.contains(&task_id) {
+            return Claim::Settling;
+        }
         match self.remove_located(task_id) {
             Some((task, Location::Ready(..))) => Claim::Ready(task),
             Some((task, Location::Waiting((retry_at_us, _)))) => {
@@ -307,6 +313,7 @@ impl State {
         let lease = self.leases.remove(lease_id)?;
         self.deadlines.remove(&(lease.deadline, lease.serial));
         self.lease_by_task.remove(&lease.task.id);
+        self.settling.insert(lease.task.id);
         if let Some(subscriber) = self.subscribers.get_mut(&lease.subscriber) {
             subscriber.outstanding = subscriber.outstanding.saturating_sub(1);
         }
@@ -350,6 +357,10 @@ impl State {
             }
         }
         expired
+    }
+
+    pub fn finish_settling(&mut self, task_id: TaskId) {
+        self.settling.remove(&task_id);
     }
 
     fn request_cancel(&mut self, task_id: TaskId) {

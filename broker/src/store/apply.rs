@@ -279,6 +279,7 @@ pub(crate) fn complete(
     settled: &SettledLease,
     result: &Bytes,
 ) -> Result<Result<SettleOutcome, BrokerError>, StoreError> {
+    cx.dispatcher.finish_settling(settled.task.id);
     let mut record = match read_settled(tables, settled) {
         Ok(record) => record,
         Err(BrokerError::Store(err)) if !matches!(err, StoreError::Corrupt { .. }) => {
@@ -325,6 +326,7 @@ pub(crate) fn fail(
     settled: &SettledLease,
     failure: &Failure,
 ) -> Result<Result<SettleOutcome, BrokerError>, StoreError> {
+    cx.dispatcher.finish_settling(settled.task.id);
     let mut record = match read_settled(tables, settled) {
         Ok(record) => record,
         Err(BrokerError::Store(err)) if !matches!(err, StoreError::Corrupt { .. }) => {
@@ -411,11 +413,19 @@ pub(crate) fn cancel(
             cx.changed.push(task_id);
             return Ok(Ok(TaskState::Leased));
         }
+        // The worker already settled the lease, so its queued Ack or Nack decides: an Ack
+        // completes the task, anything else ends it CANCELLED with the attempt counted.
+        Claim::Settling => {
+            record.cancel_requested = true;
+            tables.put_task(task_id, &record)?;
+            cx.changed.push(task_id);
+            return Ok(Ok(TaskState::Leased));
+        }
         Claim::Ready(task) => cx.rollback.push(Effect::Ready(task)),
         Claim::Waiting { task, retry_at_us } => {
             cx.rollback.push(Effect::Wait { task, retry_at_us })
         }
-        // Being settled: the Ack or Nack that follows finds the task cancelled.
+        // Made ready or waiting earlier in this batch; the Forget effect below removes it.
         Claim::Absent => {}
     }
     let settings = cx
