@@ -175,7 +175,8 @@ impl System {
         (system, recovered.deliverable)
     }
 
-    /// Stops the writer and closes the store, so that it can be opened again.
+    /// Stops the writer and closes the store, so that it can be opened again. Checks on the
+    /// way that the store's secondary indexes match its records.
     fn stop(self) {
         let System {
             store,
@@ -185,6 +186,8 @@ impl System {
         } = self;
         drop(writer);
         thread.join().expect("writer thread ends without panicking");
+        let indexes = store.check_indexes().expect("the store can be read");
+        assert_eq!(indexes, Ok(()), "secondary indexes match the records");
         drop(dispatcher);
         assert_eq!(
             Arc::strong_count(&store),

@@ -9,11 +9,10 @@ use prost::Message;
 use prost::bytes::Bytes;
 use redb::{ReadableTable, Table, WriteTransaction};
 
+use super::index::{IndexKeys, Indexed};
 use super::records::{enter_state, is_final, ready_task, wire_state};
 use super::writer::{DeadSelection, Enqueued, Failure, SettingsUpdate, SettleOutcome};
-use super::{
-    DEAD, IDEMPOTENCY, IDEMPOTENCY_EXPIRY, QUEUES, RETENTION, TASKS, add_micros, decode_record,
-};
+use super::{IDEMPOTENCY, IDEMPOTENCY_EXPIRY, QUEUES, TASKS, add_micros, decode_record};
 use crate::dispatch::{Claim, Dispatcher, Effect, FinalState, ReadyTask, SettledLease};
 use crate::error::{BrokerError, StoreError};
 use crate::settings::{QueueSettings, SettingsCache};
@@ -31,9 +30,9 @@ pub(crate) struct Tables<'txn> {
     tasks: Table<'txn, u128, &'static [u8]>,
     idempotency: Table<'txn, (&'static str, &'static str), (u128, i64)>,
     idempotency_expiry: Table<'txn, (i64, &'static str, &'static str), ()>,
-    retention: Table<'txn, (i64, u128), ()>,
-    dead: Table<'txn, (&'static str, i64, u128), ()>,
     queues: Table<'txn, &'static str, &'static [u8]>,
+    /// Secondary indexes and counts, kept in step by every write below.
+    pub index: Indexed<'txn>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -42,9 +41,8 @@ impl<'txn> Tables<'txn> {
             tasks: txn.open_table(TASKS)?,
             idempotency: txn.open_table(IDEMPOTENCY)?,
             idempotency_expiry: txn.open_table(IDEMPOTENCY_EXPIRY)?,
-            retention: txn.open_table(RETENTION)?,
-            dead: txn.open_table(DEAD)?,
             queues: txn.open_table(QUEUES)?,
+            index: Indexed::open(txn)?,
         })
     }
 
@@ -55,26 +53,35 @@ impl<'txn> Tables<'txn> {
         decode_record(task_id, value.value()).map(Some)
     }
 
-    pub fn put_task(&mut self, task_id: TaskId, record: &TaskRecord) -> Result<(), StoreError> {
+    fn put_task(&mut self, task_id: TaskId, record: &TaskRecord) -> Result<(), StoreError> {
         self.tasks
             .insert(task_id.as_key(), record.encode_to_vec().as_slice())?;
         Ok(())
     }
 
+    /// Stores a new task with its index entries.
+    fn insert_task(&mut self, task_id: TaskId, record: &TaskRecord) -> Result<(), StoreError> {
+        self.index.add(task_id, record)?;
+        self.put_task(task_id, record)
+    }
+
+    /// Stores a changed task. `before` holds the index fields of the stored version, whose
+    /// index entries are replaced by those of `record`.
+    pub fn rewrite_task(
+        &mut self,
+        task_id: TaskId,
+        before: &IndexKeys,
+        record: &TaskRecord,
+    ) -> Result<(), StoreError> {
+        self.index.remove(task_id, before)?;
+        self.index.add(task_id, record)?;
+        self.put_task(task_id, record)
+    }
+
     /// Deletes a task with its index entries and its idempotency key.
     fn delete_task(&mut self, task_id: TaskId, record: &TaskRecord) -> Result<(), StoreError> {
+        self.index.remove(task_id, &IndexKeys::of(record))?;
         self.tasks.remove(task_id.as_key())?;
-        if record.expires_at_us != 0 {
-            self.retention
-                .remove((record.expires_at_us, task_id.as_key()))?;
-        }
-        if record.state() == TaskRecordState::Dead {
-            self.dead.remove((
-                record.queue.as_str(),
-                record.updated_at_us,
-                task_id.as_key(),
-            ))?;
-        }
         self.release_idempotency_key(task_id, record)
     }
 
@@ -110,16 +117,14 @@ impl<'txn> Tables<'txn> {
     }
 }
 
-/// Moves a record into a final state: history, retention expiry and index entries. The
-/// caller writes the record.
+/// Moves a record into a final state, with its history and retention expiry. The caller
+/// writes the record.
 pub(crate) fn finish(
-    tables: &mut Tables<'_>,
-    task_id: TaskId,
     record: &mut TaskRecord,
     state: TaskRecordState,
     now_us: i64,
     settings: &QueueSettings,
-) -> Result<(), StoreError> {
+) {
     enter_state(record, state, now_us);
     record.retry_at_us = 0;
     let retention = if state == TaskRecordState::Dead {
@@ -128,15 +133,6 @@ pub(crate) fn finish(
         settings.retention
     };
     record.expires_at_us = add_micros(now_us, retention);
-    tables
-        .retention
-        .insert((record.expires_at_us, task_id.as_key()), ())?;
-    if state == TaskRecordState::Dead {
-        tables
-            .dead
-            .insert((record.queue.as_str(), now_us, task_id.as_key()), ())?;
-    }
-    Ok(())
 }
 
 fn final_state(state: TaskRecordState) -> Option<FinalState> {
@@ -212,7 +208,7 @@ pub(crate) fn enqueue(
         };
         *cx.next_sequence += 1;
         enter_state(&mut record, TaskRecordState::Pending, cx.now_us);
-        tables.put_task(task_id, &record)?;
+        tables.insert_task(task_id, &record)?;
 
         if let Some(key) = &task.idempotency_key {
             let expires_at = add_micros(cx.now_us, settings.idempotency_window);
@@ -295,18 +291,17 @@ pub(crate) fn complete(
         }));
     }
 
+    let before = IndexKeys::of(&record);
     record_attempt(&mut record, settled, "", cx.now_us);
     record.result = result.clone();
     let settings = cx.settings.get(&settled.task.queue);
     finish(
-        tables,
-        settled.task.id,
         &mut record,
         TaskRecordState::Succeeded,
         cx.now_us,
         &settings,
-    )?;
-    tables.put_task(settled.task.id, &record)?;
+    );
+    tables.rewrite_task(settled.task.id, &before, &record)?;
     count(
         &record.queue,
         TaskRecordState::Succeeded,
@@ -341,6 +336,7 @@ pub(crate) fn fail(
         }));
     }
 
+    let before = IndexKeys::of(&record);
     record_attempt(&mut record, settled, &failure.error, cx.now_us);
     record.last_error.clone_from(&failure.error);
     let settings = cx.settings.get(&settled.task.queue);
@@ -379,10 +375,10 @@ pub(crate) fn fail(
         }
     };
     if is_final(state) {
-        finish(tables, task_id, &mut record, state, cx.now_us, &settings)?;
+        finish(&mut record, state, cx.now_us, &settings);
         count(&record.queue, state, 1, &mut cx.effects);
     }
-    tables.put_task(task_id, &record)?;
+    tables.rewrite_task(task_id, &before, &record)?;
     cx.changed.push(task_id);
     Ok(Ok(SettleOutcome {
         state,
@@ -405,10 +401,11 @@ pub(crate) fn cancel(
         }));
     }
 
+    let before = IndexKeys::of(&record);
     match cx.dispatcher.claim(task_id) {
         Claim::Leased => {
             record.cancel_requested = true;
-            tables.put_task(task_id, &record)?;
+            tables.rewrite_task(task_id, &before, &record)?;
             cx.effects.push(Effect::CancelRequested(task_id));
             cx.changed.push(task_id);
             return Ok(Ok(TaskState::Leased));
@@ -417,7 +414,7 @@ pub(crate) fn cancel(
         // completes the task, anything else ends it CANCELLED with the attempt counted.
         Claim::Settling => {
             record.cancel_requested = true;
-            tables.put_task(task_id, &record)?;
+            tables.rewrite_task(task_id, &before, &record)?;
             cx.changed.push(task_id);
             return Ok(Ok(TaskState::Leased));
         }
@@ -437,14 +434,12 @@ pub(crate) fn cancel(
             })?,
         );
     finish(
-        tables,
-        task_id,
         &mut record,
         TaskRecordState::Cancelled,
         cx.now_us,
         &settings,
-    )?;
-    tables.put_task(task_id, &record)?;
+    );
+    tables.rewrite_task(task_id, &before, &record)?;
     // The task may also have become ready earlier in this batch.
     cx.effects.push(Effect::Forget(task_id));
     count(
@@ -541,7 +536,7 @@ fn select_dead(
             let start = (queue.as_str(), i64::MIN, 0u128);
             let end = (queue.as_str(), i64::MAX, u128::MAX);
             let mut ids = Vec::new();
-            for entry in tables.dead.range(start..=end)?.take(DEAD_BATCH) {
+            for entry in tables.index.dead.range(start..=end)?.take(DEAD_BATCH) {
                 let (key, _) = entry?;
                 ids.push(TaskId::from_key(key.value().2));
             }
@@ -563,19 +558,12 @@ pub(crate) fn requeue_dead(
 ) -> Result<u64, StoreError> {
     let selected = select_dead(tables, queue, selection)?;
     for (task_id, mut record) in selected.iter().cloned() {
-        tables.dead.remove((
-            record.queue.as_str(),
-            record.updated_at_us,
-            task_id.as_key(),
-        ))?;
-        tables
-            .retention
-            .remove((record.expires_at_us, task_id.as_key()))?;
+        let before = IndexKeys::of(&record);
         record.attempts = 0;
         record.expires_at_us = 0;
         record.cancel_requested = false;
         enter_state(&mut record, TaskRecordState::Pending, cx.now_us);
-        tables.put_task(task_id, &record)?;
+        tables.rewrite_task(task_id, &before, &record)?;
         cx.effects
             .push(Effect::Ready(Arc::new(ready_task(task_id, &record)?)));
         count(&record.queue, TaskRecordState::Dead, -1, &mut cx.effects);
@@ -607,6 +595,7 @@ pub(crate) fn purge_expired(
     let now_us = cx.now_us;
     let mut expired = Vec::new();
     for entry in tables
+        .index
         .retention
         .range(..(now_us.saturating_add(1), 0u128))?
         .take(PURGE_BATCH)
@@ -616,7 +605,7 @@ pub(crate) fn purge_expired(
     }
     let mut purged = 0;
     for (expires_at, task) in expired {
-        tables.retention.remove((expires_at, task))?;
+        tables.index.retention.remove((expires_at, task))?;
         let task_id = TaskId::from_key(task);
         let Some(record) = tables.get_task(task_id)? else {
             continue;

@@ -5,6 +5,7 @@
 //! run on blocking threads, never on the async workers.
 
 mod apply;
+pub(crate) mod index;
 pub mod records;
 pub mod writer;
 
@@ -21,6 +22,7 @@ use crate::dispatch::{Effect, FinalState, LeaseView};
 use crate::error::StoreError;
 use crate::settings::Defaults;
 use crate::task::{QueueName, TaskId};
+use index::{CANCEL_REQUESTED, COUNTS, DEAD, IndexKeys, PENDING_AGE, READY, RETENTION, WAITING};
 
 /// Tasks by id (`TaskId::as_key`), each a prost-encoded `TaskRecord`.
 pub(crate) const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
@@ -34,11 +36,11 @@ pub(crate) const IDEMPOTENCY: TableDefinition<(&str, &str), (u128, i64)> =
 pub(crate) const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 
-/// Tasks in a final state by (expiry, task id), for the purge.
-pub(crate) const RETENTION: TableDefinition<(i64, u128), ()> = TableDefinition::new("retention");
+/// Store-wide values by name, such as the schema version.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// Dead tasks by (queue, time of death, task id), for listing a queue's dead letters.
-pub(crate) const DEAD: TableDefinition<(&str, i64, u128), ()> = TableDefinition::new("dead");
+/// Version of the table layout. Version 2 added the secondary indexes in `index`.
+const SCHEMA_VERSION: u64 = 2;
 
 /// Queue settings by queue name, each a prost-encoded `QueueSettingsRecord`.
 pub(crate) const QUEUES: TableDefinition<&str, &[u8]> = TableDefinition::new("queues");
@@ -88,12 +90,52 @@ impl Store {
         txn.open_table(TASKS)?;
         txn.open_table(IDEMPOTENCY)?;
         txn.open_table(IDEMPOTENCY_EXPIRY)?;
+        txn.open_table(QUEUES)?;
+        txn.open_table(META)?;
+        txn.open_table(READY)?;
+        txn.open_table(WAITING)?;
+        txn.open_table(PENDING_AGE)?;
+        txn.open_table(COUNTS)?;
+        txn.open_table(CANCEL_REQUESTED)?;
         txn.open_table(RETENTION)?;
         txn.open_table(DEAD)?;
-        txn.open_table(QUEUES)?;
         txn.commit()?;
 
-        Ok(Store { db })
+        let store = Store { db };
+        store.upgrade_schema()?;
+        Ok(store)
+    }
+
+    /// Builds the secondary indexes of a data file written before they existed.
+    fn upgrade_schema(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let version = meta.get("schema")?.map(|value| value.value()).unwrap_or(0);
+            if version >= SCHEMA_VERSION {
+                return Ok(());
+            }
+            let tasks = txn.open_table(TASKS)?;
+            let mut index = index::Indexed::open(&txn)?;
+            let mut indexed = 0u64;
+            for entry in tasks.iter()? {
+                let (key, value) = entry?;
+                let task_id = TaskId::from_key(key.value());
+                let record = decode_record(task_id, value.value())?;
+                // Version 1 kept retention and dead entries already; re-adding is harmless.
+                index.add(task_id, &record)?;
+                indexed += 1;
+            }
+            index.write_counts()?;
+            meta.insert("schema", SCHEMA_VERSION)?;
+            tracing::info!(
+                tasks = indexed,
+                version = SCHEMA_VERSION,
+                "data file upgraded"
+            );
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Scans the store and returns what the dispatcher needs to start. Tasks whose
@@ -217,20 +259,30 @@ impl Store {
                     Ok(queue) => defaults.resolve(settings.get(&queue)),
                     Err(_) => defaults.resolve(None),
                 };
+                let before = IndexKeys::of(&record);
                 apply::finish(
-                    &mut tables,
-                    task_id,
                     &mut record,
                     TaskRecordState::Cancelled,
                     now,
                     &queue_settings,
-                )?;
-                tables.put_task(task_id, &record)?;
+                );
+                tables.rewrite_task(task_id, &before, &record)?;
                 tracing::info!(%task_id, "task whose cancellation was requested before a restart is now cancelled");
             }
+            tables.index.write_counts()?;
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Compares the secondary indexes with the tasks table, reading every record. Returns a
+    /// description of the first difference.
+    ///
+    /// # Errors
+    ///
+    /// Fails on a read error or a record that cannot be decoded.
+    pub fn check_indexes(&self) -> Result<Result<(), String>, StoreError> {
+        index::check(&self.db)
     }
 
     /// Reads one task's record.

@@ -354,6 +354,7 @@ fn apply_batch(
         for op in batch {
             outcomes.push(apply_one(&mut tables, cx, op)?);
         }
+        tables.index.write_counts()?;
     }
     txn.commit()?;
     Ok(outcomes)

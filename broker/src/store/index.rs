@@ -1,0 +1,311 @@
+//! Secondary indexes of the tasks table and per-queue counts, kept in step with every
+//! record's state by [`Indexed`].
+
+use std::collections::BTreeMap;
+
+use docket_proto::storage::{TaskRecord, TaskRecordState};
+use redb::{ReadableTable, Table, TableDefinition};
+
+use super::records::is_final;
+use crate::error::StoreError;
+use crate::task::TaskId;
+
+/// Tasks in state PENDING or RETRY_WAIT by (queue, negated priority, sequence): the order
+/// in which a queue delivers them.
+pub(crate) const READY: TableDefinition<(&str, i64, u64), u128> = TableDefinition::new("ready");
+
+/// Tasks in state RETRY_WAIT by (retry time in microseconds since the Unix epoch, sequence).
+pub(crate) const WAITING: TableDefinition<(i64, u64), u128> = TableDefinition::new("waiting");
+
+/// Enqueue time of tasks in state PENDING or RETRY_WAIT by (queue, sequence), for the age
+/// of a queue's oldest pending task.
+pub(crate) const PENDING_AGE: TableDefinition<(&str, u64), i64> =
+    TableDefinition::new("pending_age");
+
+/// Number of tasks by (queue, stored state number).
+pub(crate) const COUNTS: TableDefinition<(&str, i32), u64> = TableDefinition::new("counts");
+
+/// Tasks that are not final and whose cancellation was requested while they were leased.
+pub(crate) const CANCEL_REQUESTED: TableDefinition<u128, ()> =
+    TableDefinition::new("cancel_requested");
+
+/// Tasks in a final state by (expiry, task id), for the purge.
+pub(crate) const RETENTION: TableDefinition<(i64, u128), ()> = TableDefinition::new("retention");
+
+/// Dead tasks by (queue, time of death, task id), for listing a queue's dead letters.
+pub(crate) const DEAD: TableDefinition<(&str, i64, u128), ()> = TableDefinition::new("dead");
+
+/// The fields of a record that its index entries are built from.
+#[derive(Debug, Clone)]
+pub(crate) struct IndexKeys {
+    queue: String,
+    priority: i32,
+    sequence: u64,
+    state: TaskRecordState,
+    retry_at_us: i64,
+    expires_at_us: i64,
+    updated_at_us: i64,
+    created_at_us: i64,
+    cancel_requested: bool,
+}
+
+impl IndexKeys {
+    /// Takes the index fields of a record as it is stored now.
+    pub fn of(record: &TaskRecord) -> Self {
+        IndexKeys {
+            queue: record.queue.clone(),
+            priority: record.priority,
+            sequence: record.sequence,
+            state: record.state(),
+            retry_at_us: record.retry_at_us,
+            expires_at_us: record.expires_at_us,
+            updated_at_us: record.updated_at_us,
+            created_at_us: record.created_at_us,
+            cancel_requested: record.cancel_requested,
+        }
+    }
+}
+
+/// Returns the READY key of a task: its queue's delivery order.
+pub(crate) fn ready_key(queue: &str, priority: i32, sequence: u64) -> (&str, i64, u64) {
+    (queue, -i64::from(priority), sequence)
+}
+
+/// The index tables of one write transaction, and the count changes to write at its end.
+pub(crate) struct Indexed<'txn> {
+    ready: Table<'txn, (&'static str, i64, u64), u128>,
+    waiting: Table<'txn, (i64, u64), u128>,
+    pending_age: Table<'txn, (&'static str, u64), i64>,
+    counts: Table<'txn, (&'static str, i32), u64>,
+    cancel_requested: Table<'txn, u128, ()>,
+    pub(crate) retention: Table<'txn, (i64, u128), ()>,
+    pub(crate) dead: Table<'txn, (&'static str, i64, u128), ()>,
+    count_changes: BTreeMap<(String, i32), i64>,
+}
+
+impl<'txn> Indexed<'txn> {
+    pub fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Indexed {
+            ready: txn.open_table(READY)?,
+            waiting: txn.open_table(WAITING)?,
+            pending_age: txn.open_table(PENDING_AGE)?,
+            counts: txn.open_table(COUNTS)?,
+            cancel_requested: txn.open_table(CANCEL_REQUESTED)?,
+            retention: txn.open_table(RETENTION)?,
+            dead: txn.open_table(DEAD)?,
+            count_changes: BTreeMap::new(),
+        })
+    }
+
+    /// Adds the entries of a record's state.
+    pub fn add(&mut self, task_id: TaskId, record: &TaskRecord) -> Result<(), StoreError> {
+        self.apply(task_id, &IndexKeys::of(record), true)
+    }
+
+    /// Removes the entries of a record's state, as `keys` captured it.
+    pub fn remove(&mut self, task_id: TaskId, keys: &IndexKeys) -> Result<(), StoreError> {
+        self.apply(task_id, keys, false)
+    }
+
+    fn apply(&mut self, task_id: TaskId, keys: &IndexKeys, add: bool) -> Result<(), StoreError> {
+        let task = task_id.as_key();
+        let queue = keys.queue.as_str();
+        let ready = ready_key(queue, keys.priority, keys.sequence);
+        let deliverable = matches!(
+            keys.state,
+            TaskRecordState::Pending | TaskRecordState::RetryWait
+        );
+        if deliverable {
+            if add {
+                self.ready.insert(ready, task)?;
+                self.pending_age
+                    .insert((queue, keys.sequence), keys.created_at_us)?;
+            } else {
+                self.ready.remove(ready)?;
+                self.pending_age.remove((queue, keys.sequence))?;
+            }
+        }
+        if keys.state == TaskRecordState::RetryWait {
+            if add {
+                self.waiting
+                    .insert((keys.retry_at_us, keys.sequence), task)?;
+            } else {
+                self.waiting.remove((keys.retry_at_us, keys.sequence))?;
+            }
+        }
+        if is_final(keys.state) {
+            if add {
+                self.retention.insert((keys.expires_at_us, task), ())?;
+            } else {
+                self.retention.remove((keys.expires_at_us, task))?;
+            }
+        }
+        if keys.state == TaskRecordState::Dead {
+            if add {
+                self.dead.insert((queue, keys.updated_at_us, task), ())?;
+            } else {
+                self.dead.remove((queue, keys.updated_at_us, task))?;
+            }
+        }
+        if keys.cancel_requested && !is_final(keys.state) {
+            if add {
+                self.cancel_requested.insert(task, ())?;
+            } else {
+                self.cancel_requested.remove(task)?;
+            }
+        }
+        let change = self
+            .count_changes
+            .entry((keys.queue.clone(), keys.state as i32))
+            .or_default();
+        *change += if add { 1 } else { -1 };
+        Ok(())
+    }
+
+    /// Writes the count changes. Call once, before the commit.
+    pub fn write_counts(&mut self) -> Result<(), StoreError> {
+        for ((queue, state), change) in std::mem::take(&mut self.count_changes) {
+            if change == 0 {
+                continue;
+            }
+            let key = (queue.as_str(), state);
+            let current = self
+                .counts
+                .get(key)?
+                .map(|value| value.value())
+                .unwrap_or(0);
+            let updated = current.saturating_add_signed(change);
+            if updated == 0 {
+                self.counts.remove(key)?;
+            } else {
+                self.counts.insert(key, updated)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Entries that the index tables should hold, built from the records alone.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Expected {
+    ready: std::collections::BTreeSet<(String, i64, u64, u128)>,
+    waiting: std::collections::BTreeSet<(i64, u64, u128)>,
+    pending_age: std::collections::BTreeSet<(String, u64, i64)>,
+    counts: BTreeMap<(String, i32), u64>,
+    cancel_requested: std::collections::BTreeSet<u128>,
+    retention: std::collections::BTreeSet<(i64, u128)>,
+    dead: std::collections::BTreeSet<(String, i64, u128)>,
+}
+
+impl Expected {
+    fn add(&mut self, task: u128, keys: &IndexKeys) {
+        let queue = keys.queue.clone();
+        if matches!(
+            keys.state,
+            TaskRecordState::Pending | TaskRecordState::RetryWait
+        ) {
+            self.ready.insert((
+                queue.clone(),
+                -i64::from(keys.priority),
+                keys.sequence,
+                task,
+            ));
+            self.pending_age
+                .insert((queue.clone(), keys.sequence, keys.created_at_us));
+        }
+        if keys.state == TaskRecordState::RetryWait {
+            self.waiting.insert((keys.retry_at_us, keys.sequence, task));
+        }
+        if is_final(keys.state) {
+            self.retention.insert((keys.expires_at_us, task));
+        }
+        if keys.state == TaskRecordState::Dead {
+            self.dead.insert((queue.clone(), keys.updated_at_us, task));
+        }
+        if keys.cancel_requested && !is_final(keys.state) {
+            self.cancel_requested.insert(task);
+        }
+        *self.counts.entry((queue, keys.state as i32)).or_default() += 1;
+    }
+}
+
+/// Compares every index table with what the tasks table implies. Returns a description of
+/// the first difference. For tests and offline checks: it reads every record.
+///
+/// # Errors
+///
+/// Fails on a read error or a record that cannot be decoded.
+pub fn check(db: &redb::Database) -> Result<Result<(), String>, StoreError> {
+    use redb::ReadableDatabase;
+
+    let txn = db.begin_read()?;
+    let mut expected = Expected::default();
+    for entry in txn.open_table(super::TASKS)?.iter()? {
+        let (key, value) = entry?;
+        let task_id = TaskId::from_key(key.value());
+        let record = super::decode_record(task_id, value.value())?;
+        expected.add(key.value(), &IndexKeys::of(&record));
+    }
+
+    let mut actual = Expected::default();
+    for entry in txn.open_table(READY)?.iter()? {
+        let (key, value) = entry?;
+        let (queue, priority, sequence) = key.value();
+        actual
+            .ready
+            .insert((queue.to_owned(), priority, sequence, value.value()));
+    }
+    for entry in txn.open_table(WAITING)?.iter()? {
+        let (key, value) = entry?;
+        let (retry_at, sequence) = key.value();
+        actual.waiting.insert((retry_at, sequence, value.value()));
+    }
+    for entry in txn.open_table(PENDING_AGE)?.iter()? {
+        let (key, value) = entry?;
+        let (queue, sequence) = key.value();
+        actual
+            .pending_age
+            .insert((queue.to_owned(), sequence, value.value()));
+    }
+    for entry in txn.open_table(COUNTS)?.iter()? {
+        let (key, value) = entry?;
+        let (queue, state) = key.value();
+        actual
+            .counts
+            .insert((queue.to_owned(), state), value.value());
+    }
+    for entry in txn.open_table(CANCEL_REQUESTED)?.iter()? {
+        let (key, _) = entry?;
+        actual.cancel_requested.insert(key.value());
+    }
+    for entry in txn.open_table(RETENTION)?.iter()? {
+        let (key, _) = entry?;
+        actual.retention.insert(key.value());
+    }
+    for entry in txn.open_table(DEAD)?.iter()? {
+        let (key, _) = entry?;
+        let (queue, died_at, task) = key.value();
+        actual.dead.insert((queue.to_owned(), died_at, task));
+    }
+
+    macro_rules! compare {
+        ($($field:ident),*) => {
+            $(if expected.$field != actual.$field {
+                return Ok(Err(format!(
+                    "index {} differs: expected {:?}, stored {:?}",
+                    stringify!($field), expected.$field, actual.$field
+                )));
+            })*
+        };
+    }
+    compare!(
+        ready,
+        waiting,
+        pending_age,
+        counts,
+        cancel_requested,
+        retention,
+        dead
+    );
+    Ok(Ok(()))
+}
