@@ -237,18 +237,42 @@ impl Broker {
     }
 
     /// Returns a queue's counts.
-    pub fn queue_stats(&self, queue: &QueueName) -> v1::QueueStats {
+    ///
+    /// # Errors
+    ///
+    /// `Store` if reading the age of the oldest pending task failed.
+    pub async fn queue_stats(&self, queue: &QueueName) -> Result<v1::QueueStats, BrokerError> {
         let counts = self.dispatcher.counts(queue);
-        queue_stats(queue, counts, self.settings.get(queue).paused)
+        let oldest_pending_us = if counts.pending == 0 {
+            None
+        } else {
+            let store = Arc::clone(&self.store);
+            let dispatcher = Arc::clone(&self.dispatcher);
+            let queue = queue.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                store.oldest_pending(&queue, |task_id| dispatcher.is_held(task_id))
+            });
+            read.await.map_err(|_| StoreError::WriterStopped)??
+        };
+        let paused = self.settings.get(queue).paused;
+        Ok(queue_stats(queue, counts, oldest_pending_us, paused))
     }
 
     /// Returns every queue that has tasks or stored settings, by name.
-    pub fn list_queues(&self) -> Vec<v1::QueueStats> {
+    ///
+    /// # Errors
+    ///
+    /// `Store` if reading the age of a queue's oldest pending task failed.
+    pub async fn list_queues(&self) -> Result<Vec<v1::QueueStats>, BrokerError> {
         let mut names = self.dispatcher.queue_names();
         names.extend(self.settings.queues());
         names.sort();
         names.dedup();
-        names.iter().map(|queue| self.queue_stats(queue)).collect()
+        let mut stats = Vec::with_capacity(names.len());
+        for queue in &names {
+            stats.push(self.queue_stats(queue).await?);
+        }
+        Ok(stats)
     }
 
     /// Pauses or resumes deliveries from a queue.
@@ -278,14 +302,9 @@ impl Broker {
     /// `Store` if the commit failed; the tasks are then deliverable again.
     pub async fn purge_queue(&self, queue: &QueueName) -> Result<u64, BrokerError> {
         self.ensure_running()?;
-        let tasks = self.dispatcher.take_pending(queue);
-        if tasks.is_empty() {
-            return Ok(0);
-        }
-        let (reply, response) = oneshot::channel();
-        self.writer
-            .send_detached(WriteOp::PurgeQueue { tasks, reply });
-        response.await.map_err(|_| StoreError::WriterStopped)?
+        let queue = queue.clone();
+        self.request(|reply| WriteOp::PurgeQueue { queue, reply })
+            .await
     }
 
     /// Returns a queue's settings with the defaults filled in.
@@ -453,8 +472,13 @@ async fn wait_all(
 }
 
 /// Builds the wire stats of a queue from its counts.
-pub fn queue_stats(queue: &QueueName, counts: QueueCounts, paused: bool) -> v1::QueueStats {
-    let oldest_pending_age = counts.oldest_pending_us.map(|created_us| {
+pub fn queue_stats(
+    queue: &QueueName,
+    counts: QueueCounts,
+    oldest_pending_us: Option<i64>,
+    paused: bool,
+) -> v1::QueueStats {
+    let oldest_pending_age = oldest_pending_us.map(|created_us| {
         let age_us = u64::try_from(now_micros().saturating_sub(created_us)).unwrap_or(0);
         prost_types::Duration::try_from(Duration::from_micros(age_us)).unwrap_or_default()
     });

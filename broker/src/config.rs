@@ -90,6 +90,11 @@ pub struct Config {
     #[arg(long, env = "DOCKET_PURGE_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub purge_interval: Duration,
 
+    /// Number of ready tasks per queue that the dispatcher keeps in memory. The rest of a
+    /// backlog stays in the store and is read in order as the window empties.
+    #[arg(long, env = "DOCKET_DISPATCH_WINDOW", default_value_t = crate::dispatch::DEFAULT_WINDOW, value_parser = clap::value_parser!(usize))]
+    pub dispatch_window: usize,
+
     /// Maximum size of one gRPC message that the broker accepts, in bytes.
     #[arg(long, env = "DOCKET_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,

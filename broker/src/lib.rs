@@ -98,9 +98,10 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     let data_dir = config.data_dir.clone();
     let path = config.database_path();
     let recovery_defaults = defaults.clone();
+    let window = config.dispatch_window.max(2);
     let (store, recovered) = tokio::task::spawn_blocking(move || {
         let store = Store::open(&data_dir, &path)?;
-        let recovered = store.recover(&recovery_defaults)?;
+        let recovered = store.recover(&recovery_defaults, window)?;
         Ok::<_, StoreError>((store, recovered))
     })
     .await
@@ -114,7 +115,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     );
 
     let settings = SettingsCache::new(defaults, recovered.settings);
-    let dispatcher = Arc::new(Dispatcher::new({
+    let dispatcher = Arc::new(Dispatcher::new(config.dispatch_window, {
         let settings = settings.clone();
         move |queue| settings.get(queue).lease_duration
     }));
@@ -128,6 +129,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         config.max_commit_batch,
     )
     .map_err(ServeError::WriterThread)?;
+    dispatcher.connect_writer(&writer);
 
     let limits = Limits {
         max_payload_bytes: config.max_payload_bytes,

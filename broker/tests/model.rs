@@ -136,6 +136,15 @@ struct ModelSubscriber {
     closed: bool,
 }
 
+/// Number of ready tasks per queue that the dispatcher keeps in memory. Small, so that
+/// sequences run past the end of a window and depend on refills from the store.
+fn window() -> usize {
+    std::env::var("DOCKET_MODEL_WINDOW")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(4)
+}
+
 /// The system under test, rebuilt on each restart.
 struct System {
     store: Arc<Store>,
@@ -149,10 +158,12 @@ impl System {
     /// Returns the number of deliverable tasks that recovery found.
     fn start(dir: &Path) -> (System, usize) {
         let store = Store::open(dir, &dir.join("broker.redb")).expect("store opens");
-        let recovered = store.recover(&defaults()).expect("store recovers");
+        let recovered = store
+            .recover(&defaults(), window())
+            .expect("store recovers");
         let store = Arc::new(store);
         let settings = SettingsCache::new(defaults(), recovered.settings);
-        let dispatcher = Arc::new(Dispatcher::new({
+        let dispatcher = Arc::new(Dispatcher::new(window(), {
             let settings = settings.clone();
             move |queue| settings.get(queue).lease_duration
         }));
@@ -166,13 +177,14 @@ impl System {
             16,
         )
         .expect("writer thread starts");
+        dispatcher.connect_writer(&writer);
         let system = System {
             store,
             dispatcher,
             writer,
             thread,
         };
-        (system, recovered.deliverable)
+        (system, recovered.deliverable as usize)
     }
 
     /// Stops the writer and closes the store, so that it can be opened again. Checks on the
@@ -290,14 +302,25 @@ impl Sequence {
                 63..70 => self.expire().await,
                 70..75 => self.close_stream().await,
                 75..82 => self.cancel().await,
-                82..86 => self.promote(),
+                82..86 => self.promote().await,
                 86..90 => self.settle_batch().await,
                 90..93 => self.restart(),
                 _ => self.settle_stale().await,
             }
+            self.await_refills().await;
             self.check_all();
         }
         self.system.take().expect("system is running").stop();
+    }
+
+    /// Waits until the dispatcher has no window refill outstanding, then takes the
+    /// deliveries that the refills made possible. Windows are small here, so a step can
+    /// empty one; the writer then reads the next tasks of the queue from the store.
+    async fn await_refills(&mut self) {
+        while self.system().dispatcher.refills_outstanding() {
+            self.system().barrier().await;
+            self.take_deliveries();
+        }
     }
 
     fn new_error(&mut self) -> String {
@@ -514,6 +537,9 @@ impl Sequence {
             });
         let lease = self.forget_lease(&lease_id);
         assert_eq!(settled.task.id, lease.task_id, "{}", self.context());
+        // A refill that the writer applies before this failure may deliver tasks of lower
+        // priority while the failed task is not ready yet.
+        self.await_refills().await;
         let expected = self.fail_in_model(lease.task_id, &failure);
         let outcome = self
             .system()
@@ -655,6 +681,7 @@ impl Sequence {
         for settled in settled {
             let task_id = settled.task.id;
             let failure = Failure::released(error);
+            self.await_refills().await;
             self.fail_in_model(task_id, &failure);
             self.system()
                 .send(WriteOp::Fail {
@@ -778,15 +805,17 @@ impl Sequence {
         self.take_deliveries();
     }
 
-    /// Makes every retry-waiting task ready, as the timer loop does once their time came.
-    /// The store keeps them RETRY_WAIT until they are delivered and settled.
-    fn promote(&mut self) {
+    /// Makes every retry-waiting task pending, as the timer loop does once their time
+    /// came, by asking the writer to promote them as of a time after every retry.
+    async fn promote(&mut self) {
         self.step_name = "promote";
         let later = now_micros() + 2 * LONG_RETRY.as_micros() as i64;
-        self.system().dispatcher.promote_due(later);
+        self.system().send(WriteOp::Promote { now_us: later }).await;
+        self.system().barrier().await;
         for task in self.tasks.values_mut() {
             if task.live == Live::Waiting {
                 task.live = Live::Ready;
+                task.stored = TaskRecordState::Pending;
             }
         }
         self.take_deliveries();
@@ -1003,17 +1032,23 @@ impl Sequence {
                 assert!(
                     worst < best,
                     "{context}: queue {name} delivered (priority {}, sequence {}) while \
-                     (priority {}, sequence {}) stayed ready",
+                     (priority {}, sequence {}) stayed ready; dispatcher: {}",
                     worst.0.0,
                     worst.1,
                     best.0.0,
-                    best.1
+                    best.1,
+                    self.system()
+                        .dispatcher
+                        .describe_queue(&Self::queue_name(queue))
                 );
             }
         }
 
+        // While a window refill is outstanding, tasks beyond the window wait for it, so
+        // free credit is only checked once the refills have arrived.
+        let refilling = self.system().dispatcher.refills_outstanding();
         for (index, subscriber) in self.subscribers.iter().enumerate() {
-            if subscriber.closed {
+            if subscriber.closed || refilling {
                 continue;
             }
             let held_leases = self
@@ -1039,9 +1074,12 @@ impl Sequence {
                     ready,
                     0,
                     "{context}: stream {index} has credit for {} more, but {ready} tasks of \
-                     queue {} stay ready",
+                     queue {} stay ready: {}",
                     subscriber.max_in_flight - held_leases,
-                    QUEUES[queue]
+                    QUEUES[queue],
+                    self.system()
+                        .dispatcher
+                        .describe_queue(&Self::queue_name(queue))
                 );
             }
         }

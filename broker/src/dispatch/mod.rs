@@ -17,6 +17,7 @@ use docket_proto::v1::{self, SubscribeResponse};
 use tokio::sync::{Notify, mpsc};
 
 use crate::error::BrokerError;
+use crate::store::writer::{WriteOp, WriterHandle};
 use crate::task::{LeaseId, QueueName, TaskId};
 use state::State;
 pub use watch::WatchRegistry;
@@ -53,6 +54,12 @@ pub struct SettledLease {
 /// Identifies one Subscribe stream.
 pub type SubscriberId = u64;
 
+/// Position of a task in its queue's delivery order: negated priority, then sequence.
+pub type ReadyKey = (i64, u64);
+
+/// Default number of ready tasks per queue that the dispatcher keeps in memory.
+pub const DEFAULT_WINDOW: usize = 1024;
+
 /// When a settled lease's credit is used for the next delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Redeliver {
@@ -63,42 +70,34 @@ pub enum Redeliver {
     AfterCommit,
 }
 
-/// A final state counted per queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinalState {
-    /// Completed by an Ack.
-    Succeeded,
-    /// Failed its last attempt.
-    Dead,
-    /// Cancelled.
-    Cancelled,
-}
-
 /// A committed change that the storage writer hands to the dispatcher, in commit order.
 #[derive(Debug)]
 pub enum Effect {
-    /// The task is deliverable.
+    /// The task is deliverable. It joins its queue's window if it sorts inside it.
     Ready(Arc<ReadyTask>),
-    /// The task waits until `retry_at_us` before it is deliverable.
-    Wait {
-        /// The waiting task.
-        task: Arc<ReadyTask>,
-        /// Microseconds since the Unix epoch.
-        retry_at_us: i64,
+    /// The next tasks of a queue's ready index, read from the store after `after`, in
+    /// order, for the queue's window.
+    Refilled {
+        /// The queue.
+        queue: QueueName,
+        /// Window position the read started after; `None` from the start.
+        after: Option<ReadyKey>,
+        /// Deliverable tasks read, in delivery order.
+        tasks: Vec<Arc<ReadyTask>>,
+        /// Key of the last index entry read, deliverable or not.
+        last: Option<ReadyKey>,
+        /// The read reached the end of the queue's index.
+        exhausted: bool,
     },
-    /// The task was cancelled, purged or deleted: drop it if it is ready or waiting.
+    /// The task was cancelled, purged or deleted: drop it from its queue's window.
     Forget(TaskId),
     /// The task was cancelled while leased: tell the stream that holds the lease.
     CancelRequested(TaskId),
-    /// A queue's count of tasks in a final state changed.
-    Count {
-        /// The queue.
-        queue: QueueName,
-        /// The final state counted.
-        state: FinalState,
-        /// Change of the count.
-        delta: i64,
-    },
+    /// Changes of the stored per-queue counts, by (queue, stored state number).
+    Counts(Vec<(QueueName, i32, i64)>),
+    /// The earliest retry time of any retry-waiting task, in microseconds since the Unix
+    /// epoch.
+    NextRetry(Option<i64>),
     /// A queue was paused or resumed.
     Paused {
         /// The queue.
@@ -121,22 +120,14 @@ pub struct Subscription {
 /// Location of a task that is about to be cancelled.
 #[derive(Debug)]
 pub enum Claim {
-    /// Ready; it was removed.
+    /// In its queue's window; it was removed.
     Ready(Arc<ReadyTask>),
-    /// Waiting for a retry; it was removed.
-    Waiting {
-        /// The task.
-        task: Arc<ReadyTask>,
-        /// Its retry time, in microseconds since the Unix epoch.
-        retry_at_us: i64,
-    },
     /// Under a live lease; nothing was changed.
     Leased,
     /// Its lease was settled, expired or released, and the outcome waits for the storage
     /// writer; nothing was changed.
     Settling,
-    /// Not in memory: it becomes ready or waiting when this batch commits, or it is not
-    /// deliverable.
+    /// Not in memory: beyond its queue's window, waiting for a retry, or not deliverable.
     Absent,
 }
 
@@ -164,8 +155,6 @@ pub struct QueueCounts {
     pub succeeded: u64,
     /// Cancelled and not yet purged.
     pub cancelled: u64,
-    /// Enqueue time of the oldest pending task, in microseconds since the Unix epoch.
-    pub oldest_pending_us: Option<i64>,
     /// Deliveries are paused.
     pub paused: bool,
 }
@@ -179,18 +168,35 @@ pub struct Dispatcher {
     pub watchers: Arc<WatchRegistry>,
     /// Per-queue lease lengths, consulted when a subscription sets none.
     lease_duration_of: Box<dyn Fn(&QueueName) -> Duration + Send + Sync>,
+    /// Requests window refills from the storage writer. Weak, so that it does not keep the
+    /// writer running at shutdown.
+    refills: Mutex<Option<mpsc::WeakSender<WriteOp>>>,
 }
 
 impl Dispatcher {
-    /// Creates an empty dispatcher. `lease_duration_of` returns a queue's lease length for
-    /// subscriptions that set none.
-    pub fn new(lease_duration_of: impl Fn(&QueueName) -> Duration + Send + Sync + 'static) -> Self {
+    /// Creates an empty dispatcher that keeps up to `window` ready tasks per queue in
+    /// memory. `lease_duration_of` returns a queue's lease length for subscriptions that
+    /// set none.
+    pub fn new(
+        window: usize,
+        lease_duration_of: impl Fn(&QueueName) -> Duration + Send + Sync + 'static,
+    ) -> Self {
         Dispatcher {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(window.max(2))),
             timers_changed: Notify::new(),
             watchers: Arc::new(WatchRegistry::default()),
             lease_duration_of: Box::new(lease_duration_of),
+            refills: Mutex::new(None),
         }
+    }
+
+    /// Connects the storage writer, which reads the next tasks of a queue whose window
+    /// runs low.
+    pub fn connect_writer(&self, writer: &WriterHandle) {
+        *self
+            .refills
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(writer.downgrade());
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -283,12 +289,11 @@ impl Dispatcher {
         expired
     }
 
-    /// Makes every retry-waiting task whose time has come deliverable.
-    pub fn promote_due(&self, now_us: i64) {
-        let mut state = self.lock();
-        if state.promote_waiting(now_us, &self.watchers) > 0 {
-            self.dispatch(&mut state, false);
-        }
+    /// Returns whether a retry-waiting task is due at `now_us`.
+    pub fn retry_due(&self, now_us: i64) -> bool {
+        self.lock()
+            .next_retry_at()
+            .is_some_and(|retry_at| retry_at <= now_us)
     }
 
     /// Returns the time of the next lease expiry or retry, whichever is first.
@@ -326,9 +331,23 @@ impl Dispatcher {
         self.lock().finish_settling(task_id);
     }
 
-    /// Removes and returns every ready and retry-waiting task of a queue, for a purge.
-    pub fn take_pending(&self, queue: &QueueName) -> Vec<Arc<ReadyTask>> {
-        self.lock().take_pending(queue)
+    /// Returns whether a window refill was requested and has not arrived, or is wanted
+    /// and could not be requested yet.
+    pub fn refills_outstanding(&self) -> bool {
+        let mut state = self.lock();
+        self.request_refills(&mut state);
+        state.refills_outstanding()
+    }
+
+    /// Describes a queue's window and the subscribers, for test failure messages.
+    #[doc(hidden)]
+    pub fn describe_queue(&self, queue: &QueueName) -> String {
+        self.lock().describe_queue(queue)
+    }
+
+    /// Returns whether a task is leased or its settled lease waits for the writer.
+    pub fn is_held(&self, task_id: TaskId) -> bool {
+        self.lock().is_held(task_id)
     }
 
     /// Returns a queue's counts.
@@ -348,6 +367,34 @@ impl Dispatcher {
         let earliest_moved = state.dispatch(&lease_duration_of, &self.watchers);
         if timers_moved || earliest_moved {
             self.timers_changed.notify_one();
+        }
+        self.request_refills(state);
+    }
+
+    /// Asks the storage writer for the next tasks of every queue whose window ran low.
+    fn request_refills(&self, state: &mut State) {
+        let wanted = state.refills_wanted();
+        if wanted.is_empty() {
+            return;
+        }
+        let sender = self
+            .refills
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let Some(sender) = sender.and_then(|weak| weak.upgrade()) else {
+            return;
+        };
+        for (queue, after) in wanted {
+            let op = WriteOp::Refill {
+                queue: queue.clone(),
+                after,
+                limit: state.window(),
+            };
+            // A full channel leaves the request for the next dispatch.
+            if sender.try_send(op).is_ok() {
+                state.mark_refill_pending(&queue);
+            }
         }
     }
 }

@@ -1,39 +1,40 @@
 //! The dispatcher's state and the operations on it, all run under its mutex.
+//!
+//! Each queue keeps a window of at most `window` ready tasks in memory, the first ones of
+//! its ready index in the store. Every deliverable task of the index up to the window's
+//! end (`loaded_until`) is in the window, leased, or being settled; tasks after it are
+//! only in the store until a refill reads them. A queue whose window holds every task of
+//! its index is `complete`.
 
-use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use docket_proto::storage::TaskRecordState;
 use docket_proto::v1::{self, SubscribeResponse, TaskState, subscribe_response::Event};
 use tokio::sync::mpsc;
 
 use super::watch::WatchRegistry;
 use super::{
-    Claim, Effect, FinalState, LeaseView, QueueCounts, ReadyTask, SettledLease, SubscriberId,
+    Claim, Effect, LeaseView, QueueCounts, ReadyKey, ReadyTask, SettledLease, SubscriberId,
     Subscription,
 };
 use crate::store::now_micros;
 use crate::task::{LeaseId, QueueName, TaskId};
 
-/// Order of ready tasks in a queue: highest priority first, then enqueue order.
-type ReadyKey = (Reverse<i32>, u64);
-
-/// Order of retry-waiting tasks: earliest retry time first, then enqueue order.
-type WaitKey = (i64, u64);
-
 /// Room in a stream's channel beyond its credit, for cancellation notices.
 const NOTICE_SLACK: usize = 64;
 
-#[derive(Default)]
 pub(super) struct State {
+    /// Maximum ready tasks per queue in memory.
+    window: usize,
     queues: HashMap<QueueName, QueueState>,
-    /// Ready tasks in all queues, paused ones included.
+    /// Ready tasks in all windows, paused queues included.
     ready_count: usize,
-    /// Retry-waiting tasks of all queues.
-    waiting: BTreeMap<WaitKey, Arc<ReadyTask>>,
-    /// Location of each ready or waiting task, so that it can be removed by id.
-    located: HashMap<TaskId, Location>,
+    /// Queue and key of each task in a window, so that it can be removed by id.
+    located: HashMap<TaskId, (QueueName, ReadyKey)>,
+    /// Earliest retry time of a retry-waiting task, in microseconds since the Unix epoch.
+    next_retry_at: Option<i64>,
     subscribers: BTreeMap<SubscriberId, Subscriber>,
     next_subscriber: SubscriberId,
     /// Subscriber served last, so the next dispatch round starts after it.
@@ -48,23 +49,43 @@ pub(super) struct State {
     next_lease_serial: u64,
 }
 
-#[derive(Default)]
 struct QueueState {
-    ready: BTreeMap<ReadyKey, Arc<ReadyTask>>,
-    /// Enqueue time of each ready task by sequence, for the oldest pending age.
-    ready_by_age: BTreeMap<u64, i64>,
-    waiting: u64,
+    window: BTreeMap<ReadyKey, Arc<ReadyTask>>,
+    /// The window holds every deliverable task of the queue's index.
+    complete: bool,
+    /// Key of the last index entry that the window covers; meaningful when not complete.
+    loaded_until: Option<ReadyKey>,
+    /// A refill was requested and has not arrived.
+    refill_pending: bool,
     leased: u64,
-    succeeded: u64,
-    dead: u64,
-    cancelled: u64,
+    /// Stored tasks by state number, as the store counts them.
+    stored: HashMap<i32, u64>,
     paused: bool,
 }
 
-#[derive(Debug, Clone)]
-enum Location {
-    Ready(QueueName, ReadyKey),
-    Waiting(WaitKey),
+impl Default for QueueState {
+    fn default() -> Self {
+        QueueState {
+            window: BTreeMap::new(),
+            complete: true,
+            loaded_until: None,
+            refill_pending: false,
+            leased: 0,
+            stored: HashMap::new(),
+            paused: false,
+        }
+    }
+}
+
+impl QueueState {
+    fn stored(&self, state: TaskRecordState) -> u64 {
+        self.stored.get(&(state as i32)).copied().unwrap_or(0)
+    }
+
+    /// Returns whether a task with `key` belongs in the window.
+    fn covers(&self, key: ReadyKey) -> bool {
+        self.complete || self.loaded_until.is_some_and(|until| key <= until)
+    }
 }
 
 struct Lease {
@@ -99,15 +120,50 @@ pub(super) struct Extended {
     pub earliest_moved: bool,
 }
 
+fn key_of(task: &ReadyTask) -> ReadyKey {
+    (-i64::from(task.priority), task.sequence)
+}
+
 impl State {
+    pub fn new(window: usize) -> Self {
+        State {
+            window,
+            queues: HashMap::new(),
+            ready_count: 0,
+            located: HashMap::new(),
+            next_retry_at: None,
+            subscribers: BTreeMap::new(),
+            next_subscriber: 0,
+            last_served: 0,
+            leases: HashMap::new(),
+            lease_by_task: HashMap::new(),
+            settling: HashSet::new(),
+            deadlines: BTreeMap::new(),
+            next_lease_serial: 0,
+        }
+    }
+
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
     /// Applies one committed change. Returns whether a timer moved earlier.
     pub fn apply(&mut self, effect: Effect) -> bool {
         match effect {
             Effect::Ready(task) => {
-                self.insert_ready(task);
+                self.offer_ready(task);
                 false
             }
-            Effect::Wait { task, retry_at_us } => self.insert_waiting(task, retry_at_us),
+            Effect::Refilled {
+                queue,
+                after,
+                tasks,
+                last,
+                exhausted,
+            } => {
+                self.refilled(queue, after, tasks, last, exhausted);
+                false
+            }
             Effect::Forget(task_id) => {
                 self.remove_located(task_id);
                 false
@@ -116,19 +172,27 @@ impl State {
                 self.request_cancel(task_id);
                 false
             }
-            Effect::Count {
-                queue,
-                state,
-                delta,
-            } => {
-                let queue = self.queues.entry(queue).or_default();
-                let count = match state {
-                    FinalState::Succeeded => &mut queue.succeeded,
-                    FinalState::Dead => &mut queue.dead,
-                    FinalState::Cancelled => &mut queue.cancelled,
-                };
-                *count = count.saturating_add_signed(delta);
+            Effect::Counts(changes) => {
+                for (queue, state, change) in changes {
+                    let count = self
+                        .queues
+                        .entry(queue)
+                        .or_default()
+                        .stored
+                        .entry(state)
+                        .or_default();
+                    *count = count.saturating_add_signed(change);
+                }
                 false
+            }
+            Effect::NextRetry(retry_at) => {
+                let earlier = match (retry_at, self.next_retry_at) {
+                    (Some(new), Some(old)) => new < old,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                self.next_retry_at = retry_at;
+                earlier
             }
             Effect::Paused { queue, paused } => {
                 self.queues.entry(queue).or_default().paused = paused;
@@ -137,48 +201,149 @@ impl State {
         }
     }
 
-    fn insert_ready(&mut self, task: Arc<ReadyTask>) {
-        let key = (Reverse(task.priority), task.sequence);
+    /// Puts a deliverable task into its queue's window if the window covers it. A task
+    /// beyond the window stays in the store only, for a later refill.
+    fn offer_ready(&mut self, task: Arc<ReadyTask>) {
+        let key = key_of(&task);
         let queue = self.queues.entry(task.queue.clone()).or_default();
-        queue.ready_by_age.insert(task.sequence, task.created_at_us);
-        self.located
-            .insert(task.id, Location::Ready(task.queue.clone(), key));
-        if queue.ready.insert(key, task).is_none() {
+        if !queue.covers(key) || self.located.contains_key(&task.id) {
+            eprintln!(
+                "DEBUG drop {:?} covers {} located {} complete {} until {:?}",
+                key,
+                queue.covers(key),
+                self.located.contains_key(&task.id),
+                queue.complete,
+                queue.loaded_until
+            );
+            return;
+        }
+        self.insert_ready(task);
+    }
+
+    fn insert_ready(&mut self, task: Arc<ReadyTask>) {
+        let key = key_of(&task);
+        let queue_name = task.queue.clone();
+        let queue = self.queues.entry(queue_name.clone()).or_default();
+        self.located.insert(task.id, (queue_name.clone(), key));
+        if queue.window.insert(key, task).is_none() {
             self.ready_count += 1;
         }
+        self.evict_overflow(&queue_name);
     }
 
-    /// Returns whether the task's retry is now the earliest.
-    fn insert_waiting(&mut self, task: Arc<ReadyTask>, retry_at_us: i64) -> bool {
-        let key = (retry_at_us, task.sequence);
-        let earliest = self
-            .waiting
-            .first_key_value()
-            .is_none_or(|(&first, _)| key < first);
-        self.queues.entry(task.queue.clone()).or_default().waiting += 1;
-        self.located.insert(task.id, Location::Waiting(key));
-        self.waiting.insert(key, task);
-        earliest
-    }
-
-    /// Removes a ready or waiting task by id and returns it with where it was.
-    fn remove_located(&mut self, task_id: TaskId) -> Option<(Arc<ReadyTask>, Location)> {
-        let location = self.located.remove(&task_id)?;
-        match location {
-            Location::Ready(ref queue_name, key) => {
-                let queue = self.queues.get_mut(queue_name)?;
-                let task = queue.ready.remove(&key)?;
-                queue.ready_by_age.remove(&task.sequence);
-                self.ready_count -= 1;
-                Some((task, location))
-            }
-            Location::Waiting(key) => {
-                let task = self.waiting.remove(&key)?;
-                let queue = self.queues.entry(task.queue.clone()).or_default();
-                queue.waiting = queue.waiting.saturating_sub(1);
-                Some((task, location))
-            }
+    /// Shrinks a window that grew past its size, leaving its last tasks to the store.
+    fn evict_overflow(&mut self, queue_name: &QueueName) {
+        let Some(queue) = self.queues.get_mut(queue_name) else {
+            return;
+        };
+        while queue.window.len() > self.window {
+            let Some((_, evicted)) = queue.window.pop_last() else {
+                break;
+            };
+            self.located.remove(&evicted.id);
+            self.ready_count -= 1;
+            queue.complete = false;
+            queue.loaded_until = queue.window.last_key_value().map(|(&key, _)| key);
         }
+    }
+
+    fn refilled(
+        &mut self,
+        queue_name: QueueName,
+        after: Option<ReadyKey>,
+        tasks: Vec<Arc<ReadyTask>>,
+        last: Option<ReadyKey>,
+        exhausted: bool,
+    ) {
+        let queue = self.queues.entry(queue_name.clone()).or_default();
+        eprintln!(
+            "DEBUG refilled after {:?} last {:?} exhausted {} tasks {:?} state complete {} until {:?}",
+            after,
+            last,
+            exhausted,
+            tasks.iter().map(|t| key_of(t)).collect::<Vec<_>>(),
+            queue.complete,
+            queue.loaded_until
+        );
+        queue.refill_pending = false;
+        // A window that shrank since the request no longer ends where the read started.
+        if !queue.complete && queue.loaded_until != after {
+            return;
+        }
+        if queue.complete && after.is_some() {
+            return;
+        }
+        if exhausted {
+            queue.complete = true;
+            queue.loaded_until = None;
+        } else {
+            queue.complete = false;
+            queue.loaded_until = last.or(after);
+        }
+        for task in tasks {
+            let held =
+                self.lease_by_task.contains_key(&task.id) || self.settling.contains(&task.id);
+            if held || self.located.contains_key(&task.id) {
+                eprintln!(
+                    "DEBUG refill skip {:?} held {} located {}",
+                    key_of(&task),
+                    held,
+                    self.located.contains_key(&task.id)
+                );
+                continue;
+            }
+            self.insert_ready(task);
+        }
+    }
+
+    /// Returns the queues whose window ran low and that have more tasks in the store, with
+    /// the window position to read after.
+    pub fn refills_wanted(&self) -> Vec<(QueueName, Option<ReadyKey>)> {
+        let low_water = self.window / 2;
+        self.queues
+            .iter()
+            .filter(|(_, queue)| {
+                !queue.complete && !queue.refill_pending && queue.window.len() < low_water
+            })
+            .map(|(name, queue)| (name.clone(), queue.loaded_until))
+            .collect()
+    }
+
+    pub fn describe_queue(&self, queue_name: &QueueName) -> String {
+        let Some(queue) = self.queues.get(queue_name) else {
+            return "no queue".to_owned();
+        };
+        format!(
+            "window {:?} complete {} loaded_until {:?} refill_pending {} ready_count {} subscribers {:?}",
+            queue.window.keys().collect::<Vec<_>>(),
+            queue.complete,
+            queue.loaded_until,
+            queue.refill_pending,
+            self.ready_count,
+            self.subscribers
+                .iter()
+                .map(|(id, s)| (*id, s.outstanding, s.max_in_flight, s.closed))
+                .collect::<Vec<_>>()
+        )
+    }
+
+    pub fn refills_outstanding(&self) -> bool {
+        self.queues.values().any(|queue| queue.refill_pending) || !self.refills_wanted().is_empty()
+    }
+
+    pub fn mark_refill_pending(&mut self, queue_name: &QueueName) {
+        if let Some(queue) = self.queues.get_mut(queue_name) {
+            queue.refill_pending = true;
+        }
+    }
+
+    /// Removes a task from its window by id and returns it.
+    fn remove_located(&mut self, task_id: TaskId) -> Option<Arc<ReadyTask>> {
+        let (queue_name, key) = self.located.remove(&task_id)?;
+        let queue = self.queues.get_mut(&queue_name)?;
+        let task = queue.window.remove(&key)?;
+        self.ready_count -= 1;
+        Some(task)
     }
 
     fn pop_ready(&mut self, queue_name: &QueueName) -> Option<Arc<ReadyTask>> {
@@ -186,8 +351,7 @@ impl State {
         if queue.paused {
             return None;
         }
-        let (_, task) = queue.ready.pop_first()?;
-        queue.ready_by_age.remove(&task.sequence);
+        let (_, task) = queue.window.pop_first()?;
         self.located.remove(&task.id);
         self.ready_count -= 1;
         Some(task)
@@ -201,64 +365,17 @@ impl State {
             return Claim::Settling;
         }
         match self.remove_located(task_id) {
-            Some((task, Location::Ready(..))) => Claim::Ready(task),
-            Some((task, Location::Waiting((retry_at_us, _)))) => {
-                Claim::Waiting { task, retry_at_us }
-            }
+            Some(task) => Claim::Ready(task),
             None => Claim::Absent,
         }
     }
 
-    pub fn take_pending(&mut self, queue_name: &QueueName) -> Vec<Arc<ReadyTask>> {
-        let Some(queue) = self.queues.get_mut(queue_name) else {
-            return Vec::new();
-        };
-        let ready = std::mem::take(&mut queue.ready);
-        queue.ready_by_age.clear();
-        queue.waiting = 0;
-        self.ready_count -= ready.len();
-
-        let waiting_keys: Vec<WaitKey> = self
-            .waiting
-            .iter()
-            .filter(|(_, task)| &task.queue == queue_name)
-            .map(|(&key, _)| key)
-            .collect();
-        let mut taken: Vec<Arc<ReadyTask>> = ready.into_values().collect();
-        taken.extend(
-            waiting_keys
-                .iter()
-                .filter_map(|key| self.waiting.remove(key)),
-        );
-        for task in &taken {
-            self.located.remove(&task.id);
-        }
-        taken
-    }
-
-    /// Makes due retry-waiting tasks ready. Returns how many.
-    pub fn promote_waiting(&mut self, now_us: i64, watchers: &WatchRegistry) -> usize {
-        let mut promoted = 0;
-        while let Some(entry) = self.waiting.first_entry() {
-            if entry.key().0 > now_us {
-                break;
-            }
-            let task = entry.remove();
-            let queue = self.queues.entry(task.queue.clone()).or_default();
-            queue.waiting = queue.waiting.saturating_sub(1);
-            if watchers.is_watched(task.id) {
-                watchers.publish_state(task.id, TaskState::Pending, None);
-            }
-            self.insert_ready(task);
-            promoted += 1;
-        }
-        promoted
+    pub fn is_held(&self, task_id: TaskId) -> bool {
+        self.lease_by_task.contains_key(&task_id) || self.settling.contains(&task_id)
     }
 
     pub fn next_retry_at(&self) -> Option<i64> {
-        self.waiting
-            .first_key_value()
-            .map(|(&(retry_at_us, _), _)| retry_at_us)
+        self.next_retry_at
     }
 
     pub fn next_lease_deadline(&self) -> Option<Instant> {
@@ -308,7 +425,8 @@ impl State {
             .collect()
     }
 
-    /// Removes a lease from every index and frees its subscriber's credit.
+    /// Removes a lease from every index, frees its subscriber's credit, and marks its task
+    /// as settling until the writer applies the outcome.
     pub fn remove_lease(&mut self, lease_id: &LeaseId) -> Option<SettledLease> {
         let lease = self.leases.remove(lease_id)?;
         self.deadlines.remove(&(lease.deadline, lease.serial));
@@ -324,6 +442,10 @@ impl State {
             task: lease.task,
             started_at_us: lease.started_at_us,
         })
+    }
+
+    pub fn finish_settling(&mut self, task_id: TaskId) {
+        self.settling.remove(&task_id);
     }
 
     pub fn extend_lease(&mut self, lease_id: &LeaseId, extension: Duration) -> Option<Extended> {
@@ -357,10 +479,6 @@ impl State {
             }
         }
         expired
-    }
-
-    pub fn finish_settling(&mut self, task_id: TaskId) {
-        self.settling.remove(&task_id);
     }
 
     fn request_cancel(&mut self, task_id: TaskId) {
@@ -400,16 +518,14 @@ impl State {
             return QueueCounts::default();
         };
         QueueCounts {
-            pending: queue.ready.len() as u64,
-            retry_wait: queue.waiting,
+            pending: queue
+                .stored(TaskRecordState::Pending)
+                .saturating_sub(queue.leased),
+            retry_wait: queue.stored(TaskRecordState::RetryWait),
             leased: queue.leased,
-            dead: queue.dead,
-            succeeded: queue.succeeded,
-            cancelled: queue.cancelled,
-            oldest_pending_us: queue
-                .ready_by_age
-                .first_key_value()
-                .map(|(_, &created)| created),
+            dead: queue.stored(TaskRecordState::Dead),
+            succeeded: queue.stored(TaskRecordState::Succeeded),
+            cancelled: queue.stored(TaskRecordState::Cancelled),
             paused: queue.paused,
         }
     }

@@ -39,7 +39,7 @@ fn subscription(queues: &[&str], max_in_flight: u32) -> Subscription {
 }
 
 fn dispatcher() -> Dispatcher {
-    Dispatcher::new(|_| Duration::from_secs(30))
+    Dispatcher::new(8, |_| Duration::from_secs(30))
 }
 
 fn make_ready(dispatcher: &Dispatcher, tasks: Vec<Arc<ReadyTask>>) {
@@ -246,43 +246,60 @@ fn paused_queue_delivers_nothing_until_resumed() {
 }
 
 #[test]
-fn waiting_task_waits_for_retry_time() {
+fn claim_removes_ready_task() {
     let dispatcher = dispatcher();
-    let task = ready("q", 0, 1);
-    dispatcher.apply(vec![Effect::Wait {
-        task,
-        retry_at_us: 1_000,
-    }]);
-    let (_, mut receiver) = dispatcher.subscribe(subscription(&["q"], 5));
-    assert_eq!(dispatcher.counts(&queue("q")).retry_wait, 1);
+    let ready_task = ready("q", 0, 1);
+    make_ready(&dispatcher, vec![Arc::clone(&ready_task)]);
 
-    dispatcher.promote_due(999);
-    assert!(drain(&mut receiver).is_empty(), "not due yet");
-    dispatcher.promote_due(1_000);
-    assert_eq!(drain(&mut receiver).len(), 1, "due at its retry time");
-    assert_eq!(dispatcher.counts(&queue("q")).retry_wait, 0);
+    assert!(matches!(dispatcher.claim(ready_task.id), Claim::Ready(_)));
+    assert!(matches!(dispatcher.claim(ready_task.id), Claim::Absent));
 }
 
 #[test]
-fn claim_removes_ready_and_waiting_tasks() {
+fn window_keeps_first_tasks_only() {
     let dispatcher = dispatcher();
-    let ready_task = ready("q", 0, 1);
-    let waiting_task = ready("q", 0, 2);
-    make_ready(&dispatcher, vec![Arc::clone(&ready_task)]);
-    dispatcher.apply(vec![Effect::Wait {
-        task: Arc::clone(&waiting_task),
-        retry_at_us: i64::MAX,
+    let tasks: Vec<_> = (0..12).map(|i| ready("q", 0, i)).collect();
+    make_ready(&dispatcher, tasks.clone());
+    make_ready(&dispatcher, vec![ready("q", 0, 100)]);
+
+    let (_, mut receiver) = dispatcher.subscribe(subscription(&["q"], 20));
+    let delivered: Vec<String> = drain(&mut receiver)
+        .into_iter()
+        .map(|d| d.task.expect("task").id)
+        .collect();
+
+    let first_eight: Vec<String> = tasks[..8].iter().map(|task| task.task.id.clone()).collect();
+    assert_eq!(
+        delivered, first_eight,
+        "a window of 8 delivers the first 8 and leaves the rest to the store"
+    );
+}
+
+#[test]
+fn refill_extends_the_window() {
+    let dispatcher = dispatcher();
+    let tasks: Vec<_> = (0..12).map(|i| ready("q", 0, i)).collect();
+    make_ready(&dispatcher, tasks.clone());
+    let (_, mut receiver) = dispatcher.subscribe(subscription(&["q"], 20));
+    assert_eq!(drain(&mut receiver).len(), 8);
+
+    dispatcher.apply(vec![Effect::Refilled {
+        queue: queue("q"),
+        after: Some((0, 7)),
+        tasks: tasks[8..].to_vec(),
+        last: Some((0, 11)),
+        exhausted: true,
     }]);
 
-    assert!(matches!(dispatcher.claim(ready_task.id), Claim::Ready(_)));
-    assert!(matches!(
-        dispatcher.claim(waiting_task.id),
-        Claim::Waiting { .. }
-    ));
-    assert!(matches!(dispatcher.claim(ready_task.id), Claim::Absent));
-    let counts = dispatcher.counts(&queue("q"));
-    assert_eq!(counts.pending, 0);
-    assert_eq!(counts.retry_wait, 0);
+    let rest: Vec<String> = drain(&mut receiver)
+        .into_iter()
+        .map(|d| d.task.expect("task").id)
+        .collect();
+    let expected: Vec<String> = tasks[8..].iter().map(|task| task.task.id.clone()).collect();
+    assert_eq!(
+        rest, expected,
+        "the refill delivers the tasks after the window in order"
+    );
 }
 
 #[test]

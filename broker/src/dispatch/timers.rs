@@ -45,7 +45,10 @@ pub async fn run_leases_and_retries(
                 return;
             }
         }
-        dispatcher.promote_due(now_micros());
+        let now_us = now_micros();
+        if dispatcher.retry_due(now_us) && writer.send(WriteOp::Promote { now_us }).await.is_err() {
+            return;
+        }
     }
 }
 

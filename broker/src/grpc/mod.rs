@@ -235,7 +235,7 @@ impl broker_server::Broker for BrokerService {
         _request: Request<v1::ListQueuesRequest>,
     ) -> Result<Response<v1::ListQueuesResponse>, Status> {
         Ok(Response::new(v1::ListQueuesResponse {
-            queues: self.broker.list_queues(),
+            queues: self.broker.list_queues().await?,
         }))
     }
 
@@ -245,7 +245,7 @@ impl broker_server::Broker for BrokerService {
     ) -> Result<Response<v1::GetQueueStatsResponse>, Status> {
         let queue = QueueName::parse("queue", &request.into_inner().queue)?;
         Ok(Response::new(v1::GetQueueStatsResponse {
-            stats: Some(self.broker.queue_stats(&queue)),
+            stats: Some(self.broker.queue_stats(&queue).await?),
         }))
     }
 

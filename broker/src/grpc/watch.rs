@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use docket_proto::v1::{self, TaskState};
 use tokio::sync::mpsc;
-use tokio::time::{Interval, MissedTickBehavior};
+use tokio::time::MissedTickBehavior;
 use tokio_stream::Stream;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::Status;
@@ -127,26 +127,39 @@ impl Drop for TaskWatchStream {
     }
 }
 
-/// Stream of one queue's counts at a fixed interval.
+/// Stream of one queue's counts at a fixed interval, fed by a task that reads them and
+/// stops when the client goes away or the broker shuts down.
 pub struct QueueStatsStream {
-    broker: Arc<Broker>,
-    queue: QueueName,
-    ticks: Interval,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
-    finished: bool,
+    receiver: mpsc::Receiver<Result<v1::WatchQueueStatsResponse, Status>>,
 }
 
 impl QueueStatsStream {
     pub(crate) fn new(broker: Arc<Broker>, queue: QueueName, interval: Duration) -> Self {
-        let mut ticks = tokio::time::interval(interval);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        QueueStatsStream {
-            shutdown: Box::pin(broker.shutdown.clone().cancelled_owned()),
-            broker,
-            queue,
-            ticks,
-            finished: false,
-        }
+        // One message of room: the reader waits for the next tick, not a backlog.
+        let (sender, receiver) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = broker.shutdown.cancelled() => {
+                        let _ = sender.send(Err(shutting_down())).await;
+                        return;
+                    }
+                    () = sender.closed() => return,
+                    _ = ticks.tick() => {}
+                }
+                let message = broker
+                    .queue_stats(&queue)
+                    .await
+                    .map(|stats| v1::WatchQueueStatsResponse { stats: Some(stats) })
+                    .map_err(Status::from);
+                if sender.send(message).await.is_err() {
+                    return;
+                }
+            }
+        });
+        QueueStatsStream { receiver }
     }
 }
 
@@ -154,19 +167,6 @@ impl Stream for QueueStatsStream {
     type Item = Result<v1::WatchQueueStatsResponse, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.finished {
-            return Poll::Ready(None);
-        }
-        if self.shutdown.as_mut().poll(cx).is_ready() {
-            self.finished = true;
-            return Poll::Ready(Some(Err(shutting_down())));
-        }
-        match self.ticks.poll_tick(cx) {
-            Poll::Ready(_) => {
-                let stats = self.broker.queue_stats(&self.queue);
-                Poll::Ready(Some(Ok(v1::WatchQueueStatsResponse { stats: Some(stats) })))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        self.receiver.poll_recv(cx)
     }
 }

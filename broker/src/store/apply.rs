@@ -10,10 +10,11 @@ use prost::bytes::Bytes;
 use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::index::{IndexKeys, Indexed};
+use super::index::{read_ready, ready_key};
 use super::records::{enter_state, is_final, ready_task, wire_state};
 use super::writer::{DeadSelection, Enqueued, Failure, SettingsUpdate, SettleOutcome};
-use super::{IDEMPOTENCY, IDEMPOTENCY_EXPIRY, QUEUES, TASKS, add_micros, decode_record};
-use crate::dispatch::{Claim, Dispatcher, Effect, FinalState, ReadyTask, SettledLease};
+use super::{IDEMPOTENCY, IDEMPOTENCY_EXPIRY, META, QUEUES, TASKS, add_micros, decode_record};
+use crate::dispatch::{Claim, Dispatcher, Effect, ReadyKey, ReadyTask, SettledLease};
 use crate::error::{BrokerError, StoreError};
 use crate::settings::{QueueSettings, SettingsCache};
 use crate::task::{NewTask, QueueName, TaskId};
@@ -31,6 +32,7 @@ pub(crate) struct Tables<'txn> {
     idempotency: Table<'txn, (&'static str, &'static str), (u128, i64)>,
     idempotency_expiry: Table<'txn, (i64, &'static str, &'static str), ()>,
     queues: Table<'txn, &'static str, &'static [u8]>,
+    meta: Table<'txn, &'static str, u64>,
     /// Secondary indexes and counts, kept in step by every write below.
     pub index: Indexed<'txn>,
 }
@@ -42,8 +44,29 @@ impl<'txn> Tables<'txn> {
             idempotency: txn.open_table(IDEMPOTENCY)?,
             idempotency_expiry: txn.open_table(IDEMPOTENCY_EXPIRY)?,
             queues: txn.open_table(QUEUES)?,
+            meta: txn.open_table(META)?,
             index: Indexed::open(txn)?,
         })
+    }
+
+    /// Writes what the batch changed besides records: counts and the sequence number. Hands
+    /// the dispatcher the count changes and the earliest retry time.
+    pub fn finish_batch(&mut self, cx: &mut Context<'_>) -> Result<(), StoreError> {
+        let changes = self.index.write_counts()?;
+        let changes: Vec<(QueueName, i32, i64)> = changes
+            .into_iter()
+            .filter(|(_, change)| *change != 0)
+            .filter_map(|((queue, state), change)| {
+                Some((QueueName::parse("queue", &queue).ok()?, state, change))
+            })
+            .collect();
+        if !changes.is_empty() {
+            cx.effects.push(Effect::Counts(changes));
+        }
+        let next_retry = self.index.first_retry_at()?;
+        cx.effects.push(Effect::NextRetry(next_retry));
+        self.meta.insert("next_sequence", *cx.next_sequence)?;
+        Ok(())
     }
 
     pub fn get_task(&self, task_id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
@@ -133,25 +156,6 @@ pub(crate) fn finish(
         settings.retention
     };
     record.expires_at_us = add_micros(now_us, retention);
-}
-
-fn final_state(state: TaskRecordState) -> Option<FinalState> {
-    match state {
-        TaskRecordState::Succeeded => Some(FinalState::Succeeded),
-        TaskRecordState::Dead => Some(FinalState::Dead),
-        TaskRecordState::Cancelled => Some(FinalState::Cancelled),
-        _ => None,
-    }
-}
-
-fn count(queue: &str, state: TaskRecordState, delta: i64, effects: &mut Vec<Effect>) {
-    if let (Some(state), Ok(queue)) = (final_state(state), QueueName::parse("queue", queue)) {
-        effects.push(Effect::Count {
-            queue,
-            state,
-            delta,
-        });
-    }
 }
 
 /// Writer state that a request needs besides the tables.
@@ -302,12 +306,6 @@ pub(crate) fn complete(
         &settings,
     );
     tables.rewrite_task(settled.task.id, &before, &record)?;
-    count(
-        &record.queue,
-        TaskRecordState::Succeeded,
-        1,
-        &mut cx.effects,
-    );
     cx.changed.push(settled.task.id);
     Ok(Ok(SettleOutcome {
         state: TaskRecordState::Succeeded,
@@ -365,18 +363,14 @@ pub(crate) fn fail(
             cx.effects.push(Effect::Ready(retry_task));
             TaskRecordState::Pending
         } else {
+            // The promotion at its retry time makes it ready again.
             record.retry_at_us = add_micros(cx.now_us, delay);
             enter_state(&mut record, TaskRecordState::RetryWait, cx.now_us);
-            cx.effects.push(Effect::Wait {
-                task: retry_task,
-                retry_at_us: record.retry_at_us,
-            });
             TaskRecordState::RetryWait
         }
     };
     if is_final(state) {
         finish(&mut record, state, cx.now_us, &settings);
-        count(&record.queue, state, 1, &mut cx.effects);
     }
     tables.rewrite_task(task_id, &before, &record)?;
     cx.changed.push(task_id);
@@ -419,10 +413,8 @@ pub(crate) fn cancel(
             return Ok(Ok(TaskState::Leased));
         }
         Claim::Ready(task) => cx.rollback.push(Effect::Ready(task)),
-        Claim::Waiting { task, retry_at_us } => {
-            cx.rollback.push(Effect::Wait { task, retry_at_us })
-        }
-        // Made ready or waiting earlier in this batch; the Forget effect below removes it.
+        // Beyond the window, waiting for a retry, or made ready earlier in this batch: the
+        // Forget effect below removes it from memory if it gets there.
         Claim::Absent => {}
     }
     let settings = cx
@@ -442,12 +434,6 @@ pub(crate) fn cancel(
     tables.rewrite_task(task_id, &before, &record)?;
     // The task may also have become ready earlier in this batch.
     cx.effects.push(Effect::Forget(task_id));
-    count(
-        &record.queue,
-        TaskRecordState::Cancelled,
-        1,
-        &mut cx.effects,
-    );
     cx.changed.push(task_id);
     Ok(Ok(TaskState::Cancelled))
 }
@@ -455,23 +441,91 @@ pub(crate) fn cancel(
 pub(crate) fn purge_queue(
     tables: &mut Tables<'_>,
     cx: &mut Context<'_>,
-    tasks: &[Arc<ReadyTask>],
+    queue: &QueueName,
 ) -> Result<u64, StoreError> {
+    let start = ready_key(queue.as_str(), i32::MAX, 0);
+    let end = ready_key(queue.as_str(), i32::MIN, u64::MAX);
+    let mut ids = Vec::new();
+    for entry in tables.index.ready.range(start..=end)? {
+        let (_, task) = entry?;
+        ids.push(TaskId::from_key(task.value()));
+    }
     let mut purged = 0;
-    for task in tasks {
-        cx.rollback.push(Effect::Ready(Arc::clone(task)));
-        let Some(record) = tables.get_task(task.id)? else {
+    for task_id in ids {
+        // A leased task finishes its attempt; its worker's Ack or Nack settles it.
+        if cx.dispatcher.is_held(task_id) {
+            continue;
+        }
+        let Some(record) = tables.get_task(task_id)? else {
             continue;
         };
-        if matches!(
-            record.state(),
-            TaskRecordState::Pending | TaskRecordState::RetryWait
-        ) {
-            tables.delete_task(task.id, &record)?;
-            purged += 1;
-        }
+        tables.delete_task(task_id, &record)?;
+        cx.effects.push(Effect::Forget(task_id));
+        purged += 1;
     }
     Ok(purged)
+}
+
+/// Reads up to `limit` entries of a queue's ready index after `after` and hands the
+/// pending ones to the dispatcher's window.
+pub(crate) fn refill(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    queue: &QueueName,
+    after: Option<ReadyKey>,
+    limit: usize,
+) -> Result<(), StoreError> {
+    let (mut tasks, last, exhausted) =
+        read_ready(&tables.index.ready, &tables.tasks, queue, after, limit)?;
+    // A held task's own Ack or Nack decides its next state. If that settle comes later in
+    // this batch, the record read here would carry its old attempt count.
+    tasks.retain(|task| !cx.dispatcher.is_held(task.id));
+    cx.effects.push(Effect::Refilled {
+        queue: queue.clone(),
+        after,
+        tasks,
+        last,
+        exhausted,
+    });
+    Ok(())
+}
+
+/// Maximum number of retry-waiting tasks that one promotion makes pending.
+const PROMOTE_BATCH: usize = 10_000;
+
+/// Makes retry-waiting tasks whose retry time is at or before `now_us` pending, at most
+/// `PROMOTE_BATCH`.
+pub(crate) fn promote(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    now_us: i64,
+) -> Result<(), StoreError> {
+    let mut due = Vec::new();
+    for entry in tables
+        .index
+        .waiting
+        .range(..(now_us.saturating_add(1), 0u64))?
+        .take(PROMOTE_BATCH)
+    {
+        let (_, task) = entry?;
+        due.push(TaskId::from_key(task.value()));
+    }
+    for task_id in due {
+        let Some(mut record) = tables.get_task(task_id)? else {
+            continue;
+        };
+        if record.state() != TaskRecordState::RetryWait {
+            continue;
+        }
+        let before = IndexKeys::of(&record);
+        record.retry_at_us = 0;
+        enter_state(&mut record, TaskRecordState::Pending, cx.now_us);
+        tables.rewrite_task(task_id, &before, &record)?;
+        cx.effects
+            .push(Effect::Ready(Arc::new(ready_task(task_id, &record)?)));
+        cx.changed.push(task_id);
+    }
+    Ok(())
 }
 
 pub(crate) fn update_settings(
@@ -566,7 +620,6 @@ pub(crate) fn requeue_dead(
         tables.rewrite_task(task_id, &before, &record)?;
         cx.effects
             .push(Effect::Ready(Arc::new(ready_task(task_id, &record)?)));
-        count(&record.queue, TaskRecordState::Dead, -1, &mut cx.effects);
         cx.changed.push(task_id);
     }
     Ok(selected.len() as u64)
@@ -574,14 +627,12 @@ pub(crate) fn requeue_dead(
 
 pub(crate) fn delete_dead(
     tables: &mut Tables<'_>,
-    cx: &mut Context<'_>,
     queue: &QueueName,
     selection: &DeadSelection,
 ) -> Result<u64, StoreError> {
     let selected = select_dead(tables, queue, selection)?;
     for (task_id, record) in &selected {
         tables.delete_task(*task_id, record)?;
-        count(&record.queue, TaskRecordState::Dead, -1, &mut cx.effects);
     }
     Ok(selected.len() as u64)
 }
@@ -615,7 +666,6 @@ pub(crate) fn purge_expired(
             continue;
         }
         tables.delete_task(task_id, &record)?;
-        count(&record.queue, record.state(), -1, &mut cx.effects);
         purged += 1;
     }
 

@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use docket_proto::storage::{TaskRecord, TaskRecordState};
 use redb::{ReadableTable, Table, TableDefinition};
 
+use std::sync::Arc;
+
 use super::records::is_final;
+use crate::dispatch::{ReadyKey, ReadyTask};
 use crate::error::StoreError;
-use crate::task::TaskId;
+use crate::task::{QueueName, TaskId};
 
 /// Tasks in state PENDING or RETRY_WAIT by (queue, negated priority, sequence): the order
 /// in which a queue delivers them.
@@ -17,9 +20,9 @@ pub(crate) const READY: TableDefinition<(&str, i64, u64), u128> = TableDefinitio
 /// Tasks in state RETRY_WAIT by (retry time in microseconds since the Unix epoch, sequence).
 pub(crate) const WAITING: TableDefinition<(i64, u64), u128> = TableDefinition::new("waiting");
 
-/// Enqueue time of tasks in state PENDING or RETRY_WAIT by (queue, sequence), for the age
-/// of a queue's oldest pending task.
-pub(crate) const PENDING_AGE: TableDefinition<(&str, u64), i64> =
+/// Enqueue time and id of tasks in state PENDING by (queue, sequence), for the age of a
+/// queue's oldest pending task.
+pub(crate) const PENDING_AGE: TableDefinition<(&str, u64), (i64, u128)> =
     TableDefinition::new("pending_age");
 
 /// Number of tasks by (queue, stored state number).
@@ -34,6 +37,53 @@ pub(crate) const RETENTION: TableDefinition<(i64, u128), ()> = TableDefinition::
 
 /// Dead tasks by (queue, time of death, task id), for listing a queue's dead letters.
 pub(crate) const DEAD: TableDefinition<(&str, i64, u128), ()> = TableDefinition::new("dead");
+
+/// Reads up to `limit` entries of a queue's ready index after `after` and returns the
+/// pending tasks among them in delivery order, the key of the last entry read, and whether
+/// the read reached the end of the queue's index.
+///
+/// # Errors
+///
+/// Fails on a read error or a record that cannot be decoded.
+#[allow(clippy::type_complexity)]
+pub(crate) fn read_ready(
+    ready: &impl ReadableTable<(&'static str, i64, u64), u128>,
+    tasks: &impl ReadableTable<u128, &'static [u8]>,
+    queue: &QueueName,
+    after: Option<ReadyKey>,
+    limit: usize,
+) -> Result<(Vec<Arc<ReadyTask>>, Option<ReadyKey>, bool), StoreError> {
+    let name = queue.as_str();
+    // The first key after `after`: sequences are unique, so the next one in order has the
+    // same priority and a higher sequence, or a lower priority.
+    let start = match after {
+        Some((negated_priority, u64::MAX)) => (name, negated_priority + 1, 0),
+        Some((negated_priority, sequence)) => (name, negated_priority, sequence + 1),
+        None => ready_key(name, i32::MAX, 0),
+    };
+    let end = ready_key(name, i32::MIN, u64::MAX);
+    let mut entries = Vec::with_capacity(limit);
+    for entry in ready.range(start..=end)?.take(limit) {
+        let (key, task) = entry?;
+        let (_, negated_priority, sequence) = key.value();
+        entries.push(((negated_priority, sequence), TaskId::from_key(task.value())));
+    }
+
+    let exhausted = entries.len() < limit;
+    let last = entries.last().map(|(key, _)| *key);
+    let mut pending = Vec::with_capacity(entries.len());
+    for (_, task_id) in entries {
+        let Some(value) = tasks.get(task_id.as_key())? else {
+            continue;
+        };
+        let record = super::decode_record(task_id, value.value())?;
+        // Retry-waiting tasks join a window when their promotion makes them pending.
+        if record.state() == TaskRecordState::Pending {
+            pending.push(Arc::new(super::records::ready_task(task_id, &record)?));
+        }
+    }
+    Ok((pending, last, exhausted))
+}
 
 /// The fields of a record that its index entries are built from.
 #[derive(Debug, Clone)]
@@ -73,9 +123,9 @@ pub(crate) fn ready_key(queue: &str, priority: i32, sequence: u64) -> (&str, i64
 
 /// The index tables of one write transaction, and the count changes to write at its end.
 pub(crate) struct Indexed<'txn> {
-    ready: Table<'txn, (&'static str, i64, u64), u128>,
-    waiting: Table<'txn, (i64, u64), u128>,
-    pending_age: Table<'txn, (&'static str, u64), i64>,
+    pub(crate) ready: Table<'txn, (&'static str, i64, u64), u128>,
+    pub(crate) waiting: Table<'txn, (i64, u64), u128>,
+    pending_age: Table<'txn, (&'static str, u64), (i64, u128)>,
     counts: Table<'txn, (&'static str, i32), u64>,
     cancel_requested: Table<'txn, u128, ()>,
     pub(crate) retention: Table<'txn, (i64, u128), ()>,
@@ -118,10 +168,15 @@ impl<'txn> Indexed<'txn> {
         if deliverable {
             if add {
                 self.ready.insert(ready, task)?;
-                self.pending_age
-                    .insert((queue, keys.sequence), keys.created_at_us)?;
             } else {
                 self.ready.remove(ready)?;
+            }
+        }
+        if keys.state == TaskRecordState::Pending {
+            if add {
+                self.pending_age
+                    .insert((queue, keys.sequence), (keys.created_at_us, task))?;
+            } else {
                 self.pending_age.remove((queue, keys.sequence))?;
             }
         }
@@ -162,13 +217,19 @@ impl<'txn> Indexed<'txn> {
         Ok(())
     }
 
-    /// Writes the count changes. Call once, before the commit.
-    pub fn write_counts(&mut self) -> Result<(), StoreError> {
-        for ((queue, state), change) in std::mem::take(&mut self.count_changes) {
+    /// Returns the earliest retry time of a retry-waiting task.
+    pub fn first_retry_at(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self.waiting.first()?.map(|(key, _)| key.value().0))
+    }
+
+    /// Writes the count changes and returns them. Call once, before the commit.
+    pub fn write_counts(&mut self) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
+        let changes = std::mem::take(&mut self.count_changes);
+        for ((queue, state), &change) in &changes {
             if change == 0 {
                 continue;
             }
-            let key = (queue.as_str(), state);
+            let key = (queue.as_str(), *state);
             let current = self
                 .counts
                 .get(key)?
@@ -181,7 +242,7 @@ impl<'txn> Indexed<'txn> {
                 self.counts.insert(key, updated)?;
             }
         }
-        Ok(())
+        Ok(changes)
     }
 }
 
@@ -190,7 +251,7 @@ impl<'txn> Indexed<'txn> {
 struct Expected {
     ready: std::collections::BTreeSet<(String, i64, u64, u128)>,
     waiting: std::collections::BTreeSet<(i64, u64, u128)>,
-    pending_age: std::collections::BTreeSet<(String, u64, i64)>,
+    pending_age: std::collections::BTreeSet<(String, u64, i64, u128)>,
     counts: BTreeMap<(String, i32), u64>,
     cancel_requested: std::collections::BTreeSet<u128>,
     retention: std::collections::BTreeSet<(i64, u128)>,
@@ -210,8 +271,10 @@ impl Expected {
                 keys.sequence,
                 task,
             ));
+        }
+        if keys.state == TaskRecordState::Pending {
             self.pending_age
-                .insert((queue.clone(), keys.sequence, keys.created_at_us));
+                .insert((queue.clone(), keys.sequence, keys.created_at_us, task));
         }
         if keys.state == TaskRecordState::RetryWait {
             self.waiting.insert((keys.retry_at_us, keys.sequence, task));
@@ -263,9 +326,10 @@ pub fn check(db: &redb::Database) -> Result<Result<(), String>, StoreError> {
     for entry in txn.open_table(PENDING_AGE)?.iter()? {
         let (key, value) = entry?;
         let (queue, sequence) = key.value();
+        let (created_at, task) = value.value();
         actual
             .pending_age
-            .insert((queue.to_owned(), sequence, value.value()));
+            .insert((queue.to_owned(), sequence, created_at, task));
     }
     for entry in txn.open_table(COUNTS)?.iter()? {
         let (key, value) = entry?;

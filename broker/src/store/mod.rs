@@ -11,14 +11,13 @@ pub mod writer;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use docket_proto::storage::{QueueSettingsRecord, TaskRecord, TaskRecordState};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::dispatch::{Effect, FinalState, LeaseView};
+use crate::dispatch::{Effect, LeaseView};
 use crate::error::StoreError;
 use crate::settings::Defaults;
 use crate::task::{QueueName, TaskId};
@@ -60,7 +59,7 @@ pub struct Recovered {
     /// The sequence number to give the next enqueued task.
     pub next_sequence: u64,
     /// Number of tasks that are pending or waiting for a retry.
-    pub deliverable: usize,
+    pub deliverable: u64,
 }
 
 impl Store {
@@ -118,15 +117,18 @@ impl Store {
             let tasks = txn.open_table(TASKS)?;
             let mut index = index::Indexed::open(&txn)?;
             let mut indexed = 0u64;
+            let mut max_sequence = 0;
             for entry in tasks.iter()? {
                 let (key, value) = entry?;
                 let task_id = TaskId::from_key(key.value());
                 let record = decode_record(task_id, value.value())?;
+                max_sequence = max_sequence.max(record.sequence);
                 // Version 1 kept retention and dead entries already; re-adding is harmless.
                 index.add(task_id, &record)?;
                 indexed += 1;
             }
             index.write_counts()?;
+            meta.insert("next_sequence", max_sequence + 1)?;
             meta.insert("schema", SCHEMA_VERSION)?;
             tracing::info!(
                 tasks = indexed,
@@ -144,7 +146,7 @@ impl Store {
     /// # Errors
     ///
     /// Fails on a read or write error or on a record that cannot be decoded.
-    pub fn recover(&self, defaults: &Defaults) -> Result<Recovered, StoreError> {
+    pub fn recover(&self, defaults: &Defaults, window: usize) -> Result<Recovered, StoreError> {
         let settings = self.read_settings()?;
         self.cancel_orphaned_cancellations(defaults, &settings)?;
 
@@ -155,49 +157,59 @@ impl Store {
                 paused: record.paused,
             })
             .collect();
-        let mut max_sequence = 0;
-        let mut deliverable = 0;
         let txn = self.db.begin_read()?;
-        for entry in txn.open_table(TASKS)?.iter()? {
+
+        let mut counts = Vec::new();
+        let mut deliverable = 0;
+        let mut with_pending = Vec::new();
+        for entry in txn.open_table(COUNTS)?.iter()? {
             let (key, value) = entry?;
-            let task_id = TaskId::from_key(key.value());
-            let record = decode_record(task_id, value.value())?;
-            max_sequence = max_sequence.max(record.sequence);
-            let final_state = match record.state() {
-                TaskRecordState::Pending => {
-                    effects.push(Effect::Ready(Arc::new(records::ready_task(
-                        task_id, &record,
-                    )?)));
-                    deliverable += 1;
-                    continue;
-                }
-                TaskRecordState::RetryWait => {
-                    let task = Arc::new(records::ready_task(task_id, &record)?);
-                    effects.push(Effect::Wait {
-                        task,
-                        retry_at_us: record.retry_at_us,
-                    });
-                    deliverable += 1;
-                    continue;
-                }
-                TaskRecordState::Succeeded => FinalState::Succeeded,
-                TaskRecordState::Dead => FinalState::Dead,
-                TaskRecordState::Cancelled => FinalState::Cancelled,
-                TaskRecordState::Unspecified | TaskRecordState::Leased => continue,
+            let (name, state) = key.value();
+            let Ok(queue) = QueueName::parse("queue", name) else {
+                continue;
             };
-            if let Ok(queue) = QueueName::parse("queue", &record.queue) {
-                effects.push(Effect::Count {
-                    queue,
-                    state: final_state,
-                    delta: 1,
-                });
+            let count = value.value();
+            if state == TaskRecordState::Pending as i32
+                || state == TaskRecordState::RetryWait as i32
+            {
+                deliverable += count;
             }
+            if state == TaskRecordState::Pending as i32 && count > 0 {
+                with_pending.push(queue.clone());
+            }
+            counts.push((queue, state, i64::try_from(count).unwrap_or(i64::MAX)));
         }
+        effects.push(Effect::Counts(counts));
+
+        // Only each queue's first tasks are read; the rest follow as its window empties.
+        let ready = txn.open_table(READY)?;
+        let tasks = txn.open_table(TASKS)?;
+        for queue in with_pending {
+            let (pending, last, exhausted) =
+                index::read_ready(&ready, &tasks, &queue, None, window)?;
+            effects.push(Effect::Refilled {
+                queue,
+                after: None,
+                tasks: pending,
+                last,
+                exhausted,
+            });
+        }
+        let next_retry = txn
+            .open_table(WAITING)?
+            .first()?
+            .map(|(key, _)| key.value().0);
+        effects.push(Effect::NextRetry(next_retry));
+        let next_sequence = txn
+            .open_table(META)?
+            .get("next_sequence")?
+            .map(|value| value.value())
+            .unwrap_or(1);
 
         Ok(Recovered {
             effects,
             settings,
-            next_sequence: max_sequence + 1,
+            next_sequence,
             deliverable,
         })
     }
@@ -230,18 +242,13 @@ impl Store {
     ) -> Result<(), StoreError> {
         let orphaned: Vec<(TaskId, TaskRecord)> = {
             let txn = self.db.begin_read()?;
-            let table = txn.open_table(TASKS)?;
+            let tasks = txn.open_table(TASKS)?;
             let mut orphaned = Vec::new();
-            for entry in table.iter()? {
-                let (key, value) = entry?;
+            for entry in txn.open_table(CANCEL_REQUESTED)?.iter()? {
+                let (key, _) = entry?;
                 let task_id = TaskId::from_key(key.value());
-                let record = decode_record(task_id, value.value())?;
-                let deliverable = matches!(
-                    record.state(),
-                    TaskRecordState::Pending | TaskRecordState::RetryWait
-                );
-                if deliverable && record.cancel_requested {
-                    orphaned.push((task_id, record));
+                if let Some(value) = tasks.get(key.value())? {
+                    orphaned.push((task_id, decode_record(task_id, value.value())?));
                 }
             }
             orphaned
@@ -283,6 +290,29 @@ impl Store {
     /// Fails on a read error or a record that cannot be decoded.
     pub fn check_indexes(&self) -> Result<Result<(), String>, StoreError> {
         index::check(&self.db)
+    }
+
+    /// Returns the enqueue time of a queue's oldest pending task that `is_held` does not
+    /// report as leased, in microseconds since the Unix epoch.
+    ///
+    /// # Errors
+    ///
+    /// Fails on a read error.
+    pub fn oldest_pending(
+        &self,
+        queue: &QueueName,
+        is_held: impl Fn(TaskId) -> bool,
+    ) -> Result<Option<i64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let ages = txn.open_table(PENDING_AGE)?;
+        for entry in ages.range((queue.as_str(), 0u64)..=(queue.as_str(), u64::MAX))? {
+            let (_, value) = entry?;
+            let (created_at, task) = value.value();
+            if !is_held(TaskId::from_key(task)) {
+                return Ok(Some(created_at));
+            }
+        }
+        Ok(None)
     }
 
     /// Reads one task's record.

@@ -45,12 +45,13 @@ fn new_task(payload: &'static [u8], key: Option<&str>) -> NewTask {
 fn ready_tasks(effects: &[Effect]) -> Vec<SettledLease> {
     effects
         .iter()
-        .filter_map(|effect| match effect {
-            Effect::Ready(task) => Some(SettledLease {
-                task: Arc::clone(task),
-                started_at_us: 0,
-            }),
-            _ => None,
+        .flat_map(|effect| match effect {
+            Effect::Refilled { tasks, .. } => tasks.clone(),
+            _ => Vec::new(),
+        })
+        .map(|task| SettledLease {
+            task,
+            started_at_us: 0,
         })
         .collect()
 }
@@ -60,7 +61,7 @@ async fn committed_tasks_survive_reopen_with_their_state() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("broker.redb");
     let store = Arc::new(Store::open(dir.path(), &path).expect("open store"));
-    let dispatcher = Arc::new(Dispatcher::new(|_| Duration::from_secs(30)));
+    let dispatcher = Arc::new(Dispatcher::new(64, |_| Duration::from_secs(30)));
     let settings = SettingsCache::new(defaults(), HashMap::new());
     let (handle, thread) = writer::spawn(store.clone(), dispatcher.clone(), settings, 1, 16, 16)
         .expect("spawn writer");
@@ -92,7 +93,7 @@ async fn committed_tasks_survive_reopen_with_their_state() {
         "a repeated key returns the first task's id"
     );
 
-    let pending = ready_tasks(&store.recover(&defaults()).expect("recover").effects);
+    let pending = ready_tasks(&store.recover(&defaults(), 64).expect("recover").effects);
     let first = pending
         .iter()
         .find(|settled| settled.task.id == ids[0])
@@ -128,7 +129,9 @@ async fn committed_tasks_survive_reopen_with_their_state() {
     drop(store);
 
     let reopened = Store::open(dir.path(), &path).expect("reopen store");
-    let recovered = reopened.recover(&defaults()).expect("recover after reopen");
+    let recovered = reopened
+        .recover(&defaults(), 64)
+        .expect("recover after reopen");
     let pending: Vec<_> = ready_tasks(&recovered.effects)
         .iter()
         .map(|settled| settled.task.id)

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::apply::{self, Context, Tables};
 use super::{Store, status_of};
-use crate::dispatch::{Dispatcher, Effect, ReadyTask, SettledLease};
+use crate::dispatch::{Dispatcher, Effect, ReadyKey, SettledLease};
 use crate::error::{BrokerError, StoreError};
 use crate::settings::SettingsCache;
 use crate::task::{NewTask, QueueName, TaskId};
@@ -62,13 +62,26 @@ pub enum WriteOp {
         /// Receives CANCELLED, or LEASED if the holding worker was sent a cancellation notice.
         reply: Reply<TaskState>,
     },
-    /// Delete tasks that the dispatcher already removed from a queue's ready and waiting
-    /// sets.
+    /// Delete every pending and retry-waiting task of a queue that no worker holds.
     PurgeQueue {
-        /// The removed tasks.
-        tasks: Vec<Arc<ReadyTask>>,
+        /// The queue.
+        queue: QueueName,
         /// Receives the number of tasks deleted.
         reply: Reply<u64>,
+    },
+    /// Read the next tasks of a queue's ready index for the dispatcher's window.
+    Refill {
+        /// The queue.
+        queue: QueueName,
+        /// Window position to read after; `None` from the start.
+        after: Option<ReadyKey>,
+        /// Maximum number of index entries to read.
+        limit: usize,
+    },
+    /// Make retry-waiting tasks whose retry time is at or before `now_us` pending.
+    Promote {
+        /// Current time, in microseconds since the Unix epoch.
+        now_us: i64,
     },
     /// Change a queue's stored settings.
     UpdateSettings {
@@ -197,6 +210,11 @@ impl WriterHandle {
                 }
             });
         }
+    }
+
+    /// Returns a handle that does not keep the writer running.
+    pub fn downgrade(&self) -> mpsc::WeakSender<WriteOp> {
+        self.sender.downgrade()
     }
 
     /// Queues a request without waiting. Returns the request, boxed, if the channel is
@@ -354,7 +372,7 @@ fn apply_batch(
         for op in batch {
             outcomes.push(apply_one(&mut tables, cx, op)?);
         }
-        tables.index.write_counts()?;
+        tables.finish_batch(cx)?;
     }
     txn.commit()?;
     Ok(outcomes)
@@ -382,8 +400,28 @@ fn apply_one(
         WriteOp::Cancel { task_id, .. } => {
             apply::cancel(tables, cx, *task_id)?.map(Done::Cancelled)
         }
-        WriteOp::PurgeQueue { tasks, .. } => {
-            Ok(Done::Count(apply::purge_queue(tables, cx, tasks)?))
+        WriteOp::PurgeQueue { queue, .. } => {
+            Ok(Done::Count(apply::purge_queue(tables, cx, queue)?))
+        }
+        WriteOp::Refill {
+            queue,
+            after,
+            limit,
+        } => {
+            // If the batch fails, this empty refill lets the dispatcher ask again.
+            cx.rollback.push(Effect::Refilled {
+                queue: queue.clone(),
+                after: *after,
+                tasks: Vec::new(),
+                last: *after,
+                exhausted: false,
+            });
+            apply::refill(tables, cx, queue, *after, *limit)?;
+            Ok(Done::Nothing)
+        }
+        WriteOp::Promote { now_us } => {
+            apply::promote(tables, cx, *now_us)?;
+            Ok(Done::Nothing)
         }
         WriteOp::UpdateSettings { queue, update, .. } => Ok(Done::Settings(
             apply::update_settings(tables, cx, queue, update)?,
@@ -395,9 +433,7 @@ fn apply_one(
         )?)),
         WriteOp::DeleteDead {
             queue, selection, ..
-        } => Ok(Done::Count(apply::delete_dead(
-            tables, cx, queue, selection,
-        )?)),
+        } => Ok(Done::Count(apply::delete_dead(tables, queue, selection)?)),
         WriteOp::Purge => {
             apply::purge_expired(tables, cx)?;
             Ok(Done::Nothing)
@@ -452,6 +488,16 @@ fn reply(op: WriteOp, outcome: Result<Done, BrokerError>) {
                 _ => Err(mismatch()),
             }),
         ),
+        WriteOp::Refill { queue, .. } => {
+            if let Err(err) = outcome {
+                tracing::warn!(%queue, error = %err, "reading the next ready tasks failed");
+            }
+        }
+        WriteOp::Promote { .. } => {
+            if let Err(err) = outcome {
+                tracing::warn!(error = %err, "making due retries pending failed");
+            }
+        }
         WriteOp::Purge => {
             if let Err(err) = outcome {
                 tracing::warn!(error = %err, "purge of expired entries failed");
@@ -483,7 +529,7 @@ fn fail_request(op: WriteOp, message: &str) {
         } => {
             tracing::warn!(task_id = %settled.task.id, error = message, "failed attempt was not recorded; the task is offered again");
         }
-        WriteOp::Purge => {}
+        WriteOp::Purge | WriteOp::Refill { .. } | WriteOp::Promote { .. } => {}
         op => reply(op, Err(error())),
     }
 }
