@@ -95,6 +95,11 @@ pub struct Config {
     #[arg(long, env = "DOCKET_DISPATCH_WINDOW", default_value_t = crate::dispatch::DEFAULT_WINDOW, value_parser = clap::value_parser!(usize))]
     pub dispatch_window: usize,
 
+    /// Size of the database's page cache in memory, in bytes. A larger cache serves more
+    /// reads from memory; the broker's resident memory grows up to it.
+    #[arg(long, env = "DOCKET_CACHE_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub cache_bytes: usize,
+
     /// Maximum size of one gRPC message that the broker accepts, in bytes.
     #[arg(long, env = "DOCKET_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,

@@ -99,8 +99,9 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     let path = config.database_path();
     let recovery_defaults = defaults.clone();
     let window = config.dispatch_window.max(2);
+    let cache_bytes = config.cache_bytes;
     let (store, recovered) = tokio::task::spawn_blocking(move || {
-        let store = Store::open(&data_dir, &path)?;
+        let store = Store::open(&data_dir, &path, cache_bytes)?;
         let recovered = store.recover(&recovery_defaults, window)?;
         Ok::<_, StoreError>((store, recovered))
     })

@@ -157,7 +157,7 @@ impl System {
     /// Opens the store in `dir`, recovers it and starts the writer, as `serve` does.
     /// Returns the number of deliverable tasks that recovery found.
     fn start(dir: &Path) -> (System, usize) {
-        let store = Store::open(dir, &dir.join("broker.redb")).expect("store opens");
+        let store = Store::open(dir, &dir.join("broker.redb"), 16 << 20).expect("store opens");
         let recovered = store
             .recover(&defaults(), window())
             .expect("store recovers");

@@ -63,18 +63,19 @@ pub struct Recovered {
 }
 
 impl Store {
-    /// Opens the database in `data_dir`, creating the folder and the file if missing.
+    /// Opens the database in `data_dir`, creating the folder and the file if missing, with a
+    /// page cache of at most `cache_bytes`.
     ///
     /// # Errors
     ///
     /// Fails if the folder cannot be created or redb cannot open the file, for example
     /// because another broker process has it open.
-    pub fn open(data_dir: &Path, path: &Path) -> Result<Store, StoreError> {
+    pub fn open(data_dir: &Path, path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.to_path_buf(),
             source,
         })?;
-        let db = match Database::create(path) {
+        let db = match Database::builder().set_cache_size(cache_bytes).create(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::AlreadyOpen {

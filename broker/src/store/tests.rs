@@ -60,7 +60,7 @@ fn ready_tasks(effects: &[Effect]) -> Vec<SettledLease> {
 async fn committed_tasks_survive_reopen_with_their_state() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("broker.redb");
-    let store = Arc::new(Store::open(dir.path(), &path).expect("open store"));
+    let store = Arc::new(Store::open(dir.path(), &path, 16 << 20).expect("open store"));
     let dispatcher = Arc::new(Dispatcher::new(64, |_| Duration::from_secs(30)));
     let settings = SettingsCache::new(defaults(), HashMap::new());
     let (handle, thread) = writer::spawn(store.clone(), dispatcher.clone(), settings, 1, 16, 16)
@@ -128,7 +128,7 @@ async fn committed_tasks_survive_reopen_with_their_state() {
     thread.join().expect("writer thread ends");
     drop(store);
 
-    let reopened = Store::open(dir.path(), &path).expect("reopen store");
+    let reopened = Store::open(dir.path(), &path, 16 << 20).expect("reopen store");
     let recovered = reopened
         .recover(&defaults(), 64)
         .expect("recover after reopen");
