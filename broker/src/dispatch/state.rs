@@ -207,14 +207,6 @@ impl State {
         let key = key_of(&task);
         let queue = self.queues.entry(task.queue.clone()).or_default();
         if !queue.covers(key) || self.located.contains_key(&task.id) {
-            eprintln!(
-                "DEBUG drop {:?} covers {} located {} complete {} until {:?}",
-                key,
-                queue.covers(key),
-                self.located.contains_key(&task.id),
-                queue.complete,
-                queue.loaded_until
-            );
             return;
         }
         self.insert_ready(task);
@@ -256,15 +248,6 @@ impl State {
         exhausted: bool,
     ) {
         let queue = self.queues.entry(queue_name.clone()).or_default();
-        eprintln!(
-            "DEBUG refilled after {:?} last {:?} exhausted {} tasks {:?} state complete {} until {:?}",
-            after,
-            last,
-            exhausted,
-            tasks.iter().map(|t| key_of(t)).collect::<Vec<_>>(),
-            queue.complete,
-            queue.loaded_until
-        );
         queue.refill_pending = false;
         // A window that shrank since the request no longer ends where the read started.
         if !queue.complete && queue.loaded_until != after {
@@ -284,12 +267,6 @@ impl State {
             let held =
                 self.lease_by_task.contains_key(&task.id) || self.settling.contains(&task.id);
             if held || self.located.contains_key(&task.id) {
-                eprintln!(
-                    "DEBUG refill skip {:?} held {} located {}",
-                    key_of(&task),
-                    held,
-                    self.located.contains_key(&task.id)
-                );
                 continue;
             }
             self.insert_ready(task);
