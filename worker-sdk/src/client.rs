@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use docket_proto::v1::broker_client::BrokerClient;
 use docket_proto::v1::{
     AckRequest, Acknowledgement, EnqueueRequest, GetTaskRequest, NackRequest,
@@ -148,45 +147,74 @@ impl Client {
         Ok(self.inner.clone().subscribe(request).await?.into_inner())
     }
 
-    /// Completes the task held under `lease_id`, storing `result` if one is given.
-    pub(crate) async fn ack(&self, lease_id: &str, result: Option<Bytes>) -> Result<(), Error> {
-        let request = AckRequest {
-            acks: vec![Acknowledgement {
-                lease_id: lease_id.to_owned(),
-                result: result.unwrap_or_default(),
-            }],
-        };
-        let response = self.inner.clone().ack(request).await?.into_inner();
-        single_result(response.results)?;
-        Ok(())
+    /// Completes the tasks held under the leases in `acks` in one Ack call and returns
+    /// one outcome per item, in request order: the task's new state, or the item's own
+    /// error code and message as [`Error::Status`].
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Status`] if the call as a whole fails, and
+    /// [`Error::InvalidResponse`] if the broker returns a different number of results.
+    pub(crate) async fn ack(
+        &self,
+        acks: Vec<Acknowledgement>,
+    ) -> Result<Vec<Result<TaskState, Error>>, Error> {
+        let expected = acks.len();
+        let response = self
+            .inner
+            .clone()
+            .ack(AckRequest { acks })
+            .await?
+            .into_inner();
+        item_results("Ack", response.results, expected)
     }
 
-    /// Fails the attempt held under `lease_id` and returns the task's new state.
-    pub(crate) async fn nack(&self, lease_id: &str, error: &str) -> Result<TaskState, Error> {
-        let request = NackRequest {
-            nacks: vec![NegativeAcknowledgement {
-                lease_id: lease_id.to_owned(),
-                error: error.to_owned(),
-                ..NegativeAcknowledgement::default()
-            }],
-        };
-        let response = self.inner.clone().nack(request).await?.into_inner();
-        Ok(single_result(response.results)?.state())
+    /// Fails the attempts held under the leases in `nacks` in one Nack call and returns
+    /// one outcome per item, in request order, as [`Client::ack`] does.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Status`] if the call as a whole fails, and
+    /// [`Error::InvalidResponse`] if the broker returns a different number of results.
+    pub(crate) async fn nack(
+        &self,
+        nacks: Vec<NegativeAcknowledgement>,
+    ) -> Result<Vec<Result<TaskState, Error>>, Error> {
+        let expected = nacks.len();
+        let response = self
+            .inner
+            .clone()
+            .nack(NackRequest { nacks })
+            .await?
+            .into_inner();
+        item_results("Nack", response.results, expected)
     }
 }
 
-/// Returns the one result of a single-item Ack or Nack, or its error as a status.
-fn single_result(results: Vec<SettleResult>) -> Result<SettleResult, Error> {
-    let Some(result) = results.into_iter().next() else {
-        return Err(Error::InvalidResponse(
-            "the broker returned no result for the lease".to_owned(),
-        ));
-    };
+/// Converts the results of an Ack or Nack call into one outcome per item, after
+/// checking that the broker returned one result for each of the `expected` items.
+fn item_results(
+    call: &str,
+    results: Vec<SettleResult>,
+    expected: usize,
+) -> Result<Vec<Result<TaskState, Error>>, Error> {
+    if results.len() != expected {
+        return Err(Error::InvalidResponse(format!(
+            "{call} returned {} results for {expected} leases",
+            results.len()
+        )));
+    }
+    Ok(results.into_iter().map(item_result).collect())
+}
+
+/// Returns the task's new state if the item was settled, or its code and message as a
+/// status otherwise.
+fn item_result(result: SettleResult) -> Result<TaskState, Error> {
     if result.code != tonic::Code::Ok as i32 {
         let status = tonic::Status::new(tonic::Code::from_i32(result.code), result.message);
         return Err(Error::Status(Box::new(status)));
     }
-    Ok(result)
+    Ok(result.state())
 }
 
 /// Parses a broker endpoint. A bare `host:port`, the form the broker's `--listen` takes,

@@ -2,6 +2,7 @@
 
 mod builder;
 mod execute;
+mod settle;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,6 +19,7 @@ use tonic::Streaming;
 use tracing::{debug, error, info, trace, warn};
 
 pub use self::builder::WorkerBuilder;
+use self::settle::{SettleBatcher, SettleSender};
 use crate::backoff::Backoff;
 use crate::handler::BoxHandler;
 use crate::{Client, Error, TaskContext};
@@ -26,7 +28,8 @@ use crate::{Client, Error, TaskContext};
 /// `concurrency` at once.
 ///
 /// The worker acks a task when the handler returns `Ok` and nacks it with the error
-/// message when the handler returns `Err` or panics. It reconnects with exponential
+/// message when the handler returns `Err` or panics. Acks and nacks are sent in batches,
+/// as [`WorkerBuilder::settle_batch`] configures. The worker reconnects with exponential
 /// backoff and jitter when the Subscribe stream breaks or the broker is unreachable.
 /// Build one with [`Worker::builder`] and start it with [`Worker::run`].
 pub struct Worker {
@@ -38,6 +41,8 @@ pub struct Worker {
     shutdown_grace: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
+    settle_max_batch: usize,
+    settle_flush_interval: Duration,
     handler: BoxHandler,
 }
 
@@ -60,7 +65,9 @@ impl Worker {
     ///
     /// On shutdown the worker starts no new handler, waits up to the shutdown grace
     /// period for running handlers to finish and settles their leases, then closes
-    /// the stream. The broker offers again every task whose lease was not settled,
+    /// the stream. From the start of shutdown, batches of acks and nacks are sent without
+    /// waiting for the flush interval, and `run` returns only after every queued ack and
+    /// nack has been sent and its call has returned. The broker offers again every task whose lease was not settled,
     /// including deliveries that had not started and handlers aborted after the grace
     /// period.
     ///
@@ -75,14 +82,23 @@ impl Worker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks = JoinSet::new();
+        let (batcher, settler) = SettleBatcher::spawn(
+            self.client.clone(),
+            self.settle_max_batch,
+            self.settle_flush_interval,
+        );
 
-        let stop = self.receive(&permits, &mut tasks, shutdown).await;
+        let stop = self.receive(&settler, &permits, &mut tasks, shutdown).await;
         let (stream, result) = match stop {
             Stop::Shutdown(stream) => (stream, Ok(())),
             Stop::Fatal(error) => (None, Err(error)),
         };
 
+        // The batcher stops once the delivery tasks, which hold the other senders, end.
+        batcher.start_draining();
+        drop(settler);
         self.drain(&mut tasks, stream).await;
+        batcher.finish().await;
         info!(queues = ?self.queues, "worker stopped");
         result
     }
@@ -91,6 +107,7 @@ impl Worker {
     /// `shutdown` completes or a fatal error occurs.
     async fn receive(
         &self,
+        settler: &SettleSender,
         permits: &Arc<Semaphore>,
         tasks: &mut JoinSet<()>,
         shutdown: impl Future<Output = ()>,
@@ -108,7 +125,14 @@ impl Worker {
                 Ok(mut stream) => {
                     info!(queues = ?self.queues, max_in_flight = self.max_in_flight, "subscribed");
                     let disconnect = self
-                        .receive_stream(&mut stream, permits, tasks, &mut backoff, &mut shutdown)
+                        .receive_stream(
+                            &mut stream,
+                            settler,
+                            permits,
+                            tasks,
+                            &mut backoff,
+                            &mut shutdown,
+                        )
                         .await;
                     match disconnect {
                         Disconnect::Shutdown => return Stop::Shutdown(Some(stream)),
@@ -146,6 +170,7 @@ impl Worker {
     async fn receive_stream(
         &self,
         stream: &mut Streaming<SubscribeResponse>,
+        settler: &SettleSender,
         permits: &Arc<Semaphore>,
         tasks: &mut JoinSet<()>,
         backoff: &mut Backoff,
@@ -208,7 +233,7 @@ impl Worker {
                 "starting handler"
             );
             tasks.spawn(execute::execute(
-                self.client.clone(),
+                settler.clone(),
                 Arc::clone(&self.handler),
                 context,
                 permit,
@@ -273,6 +298,8 @@ impl fmt::Debug for Worker {
             .field("max_in_flight", &self.max_in_flight)
             .field("lease_duration", &self.lease_duration)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("settle_max_batch", &self.settle_max_batch)
+            .field("settle_flush_interval", &self.settle_flush_interval)
             .finish_non_exhaustive()
     }
 }

@@ -1,7 +1,8 @@
 //! Worker behavior against an in-process fake broker on loopback.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use docket::proto as v1;
@@ -33,11 +34,61 @@ enum Settlement {
     Nack { lease_id: String, error: String },
 }
 
+/// Item counts of the Ack and Nack calls the fake broker received, in call order.
+#[derive(Debug, Default)]
+struct CallSizes {
+    acks: Vec<usize>,
+    nacks: Vec<usize>,
+}
+
+/// Behavior of the fake broker.
+#[derive(Default)]
+struct FakeOptions {
+    /// Status that every Subscribe call returns.
+    subscribe_error: Option<Status>,
+    /// Status that every Ack call returns after recording its items.
+    ack_error: Option<Status>,
+    /// Leases whose Ack items always fail with code 9 (FAILED_PRECONDITION).
+    stale_leases: HashSet<String>,
+    /// Leases whose first Ack item fails with code 14 (UNAVAILABLE). Later items succeed.
+    unavailable_once: HashSet<String>,
+}
+
 struct FakeBroker {
     subscriptions: mpsc::Sender<Subscription>,
     settlements: mpsc::Sender<Settlement>,
+    call_sizes: Arc<Mutex<CallSizes>>,
     subscribe_error: Option<Status>,
     ack_error: Option<Status>,
+    stale_leases: HashSet<String>,
+    unavailable_once: Mutex<HashSet<String>>,
+}
+
+impl FakeBroker {
+    /// Returns the result of one Ack item, failing it as the options ask.
+    fn ack_result(&self, lease_id: String) -> SettleResult {
+        let code = if self.stale_leases.contains(&lease_id) {
+            tonic::Code::FailedPrecondition
+        } else if self.unavailable_once.lock().unwrap().remove(&lease_id) {
+            tonic::Code::Unavailable
+        } else {
+            tonic::Code::Ok
+        };
+        if code == tonic::Code::Ok {
+            return SettleResult {
+                lease_id,
+                state: TaskState::Succeeded.into(),
+                ..SettleResult::default()
+            };
+        }
+        SettleResult {
+            message: format!("lease {lease_id} failed with {code:?}"),
+            lease_id,
+            code: code as i32,
+            state: TaskState::Leased.into(),
+            ..SettleResult::default()
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -71,8 +122,10 @@ impl Broker for FakeBroker {
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let acks = request.into_inner().acks;
+        self.call_sizes.lock().unwrap().acks.push(acks.len());
         let mut results = Vec::new();
-        for ack in request.into_inner().acks {
+        for ack in acks {
             let _ = self
                 .settlements
                 .send(Settlement::Ack {
@@ -80,11 +133,7 @@ impl Broker for FakeBroker {
                     result: ack.result,
                 })
                 .await;
-            results.push(SettleResult {
-                lease_id: ack.lease_id,
-                state: TaskState::Succeeded.into(),
-                ..SettleResult::default()
-            });
+            results.push(self.ack_result(ack.lease_id));
         }
         match &self.ack_error {
             Some(status) => Err(status.clone()),
@@ -93,8 +142,10 @@ impl Broker for FakeBroker {
     }
 
     async fn nack(&self, request: Request<NackRequest>) -> Result<Response<NackResponse>, Status> {
+        let nacks = request.into_inner().nacks;
+        self.call_sizes.lock().unwrap().nacks.push(nacks.len());
         let mut results = Vec::new();
-        for nack in request.into_inner().nacks {
+        for nack in nacks {
             let _ = self
                 .settlements
                 .send(Settlement::Nack {
@@ -255,6 +306,7 @@ struct Harness {
     client: Client,
     subscriptions: mpsc::Receiver<Subscription>,
     settlements: mpsc::Receiver<Settlement>,
+    call_sizes: Arc<Mutex<CallSizes>>,
 }
 
 impl Harness {
@@ -271,18 +323,40 @@ impl Harness {
             .expect("no Ack or Nack in time")
             .expect("fake broker stopped")
     }
+
+    /// Returns every settlement recorded so far without waiting.
+    fn recorded_settlements(&mut self) -> Vec<Settlement> {
+        let mut settlements = Vec::new();
+        while let Ok(settlement) = self.settlements.try_recv() {
+            settlements.push(settlement);
+        }
+        settlements
+    }
 }
 
 async fn start_broker(subscribe_error: Option<Status>, ack_error: Option<Status>) -> Harness {
+    start_broker_with(FakeOptions {
+        subscribe_error,
+        ack_error,
+        ..FakeOptions::default()
+    })
+    .await
+}
+
+async fn start_broker_with(options: FakeOptions) -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (subscriptions_tx, subscriptions) = mpsc::channel(16);
     let (settlements_tx, settlements) = mpsc::channel(256);
+    let call_sizes = Arc::new(Mutex::new(CallSizes::default()));
     let broker = FakeBroker {
         subscriptions: subscriptions_tx,
         settlements: settlements_tx,
-        subscribe_error,
-        ack_error,
+        call_sizes: Arc::clone(&call_sizes),
+        subscribe_error: options.subscribe_error,
+        ack_error: options.ack_error,
+        stale_leases: options.stale_leases,
+        unavailable_once: Mutex::new(options.unavailable_once),
     };
     tokio::spawn(
         tonic::transport::Server::builder()
@@ -295,6 +369,7 @@ async fn start_broker(subscribe_error: Option<Status>, ack_error: Option<Status>
         client,
         subscriptions,
         settlements,
+        call_sizes,
     }
 }
 
@@ -659,15 +734,33 @@ async fn worker_config_is_validated() {
         .queue("jobs")
         .max_in_flight(0)
         .build(handle);
-    let zero_backoff = Worker::builder(client)
+    let zero_backoff = Worker::builder(client.clone())
         .queue("jobs")
         .reconnect_backoff(Duration::ZERO, Duration::from_secs(1))
+        .build(handle);
+    let empty_settle_batch = Worker::builder(client.clone())
+        .queue("jobs")
+        .settle_batch(0, Duration::from_millis(1))
+        .build(handle);
+    let oversize_settle_batch = Worker::builder(client.clone())
+        .queue("jobs")
+        .settle_batch(1001, Duration::from_millis(1))
+        .build(handle);
+    let largest_settle_batch = Worker::builder(client)
+        .queue("jobs")
+        .settle_batch(1000, Duration::ZERO)
         .build(handle);
 
     assert!(matches!(no_queue, Err(Error::InvalidConfig(_))));
     assert!(matches!(zero_concurrency, Err(Error::InvalidConfig(_))));
     assert!(matches!(zero_in_flight, Err(Error::InvalidConfig(_))));
     assert!(matches!(zero_backoff, Err(Error::InvalidConfig(_))));
+    assert!(matches!(empty_settle_batch, Err(Error::InvalidConfig(_))));
+    assert!(matches!(
+        oversize_settle_batch,
+        Err(Error::InvalidConfig(_))
+    ));
+    assert!(largest_settle_batch.is_ok());
 }
 
 #[tokio::test]
@@ -691,4 +784,210 @@ async fn client_errors_keep_status_code() {
         get_error.to_string(),
         "broker call failed (NotFound): the fake broker stores no tasks"
     );
+}
+
+/// Waits for `run` to return and checks that it returned `Ok`.
+async fn expect_stopped(running: tokio::task::JoinHandle<Result<(), Error>>) {
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .expect("the worker did not stop in time")
+        .expect("the worker task panicked")
+        .expect("the worker returned an error");
+}
+
+#[tokio::test]
+async fn simultaneous_acks_share_calls() {
+    const TASKS: u32 = 20;
+
+    let mut harness = start_broker(None, None).await;
+    // Every handler waits at the barrier, so all of them finish at the same time.
+    let barrier = Arc::new(tokio::sync::Barrier::new(TASKS as usize));
+    let worker = Worker::builder(harness.client.clone())
+        .queue("jobs")
+        .concurrency(TASKS as usize)
+        .settle_batch(64, Duration::from_millis(5))
+        .build(move |_task: TaskContext| {
+            let barrier = Arc::clone(&barrier);
+            async move {
+                barrier.wait().await;
+                Ok::<_, HandlerError>(None)
+            }
+        })
+        .unwrap();
+    let (stop, shutdown) = shutdown_signal();
+    let running = tokio::spawn(worker.run(shutdown));
+
+    let subscription = harness.next_subscription().await;
+    for number in 0..TASKS {
+        subscription
+            .events
+            .send(delivery("any", number))
+            .await
+            .unwrap();
+    }
+    let mut leases = Vec::new();
+    for _ in 0..TASKS {
+        match harness.next_settlement().await {
+            Settlement::Ack { lease_id, .. } => leases.push(lease_id),
+            nack => panic!("expected only acks, got {nack:?}"),
+        }
+    }
+
+    stop.send(()).unwrap();
+    expect_stopped(running).await;
+
+    assert!(
+        harness.recorded_settlements().is_empty(),
+        "a lease was acked twice"
+    );
+    leases.sort();
+    let mut expected: Vec<String> = (0..TASKS).map(|number| format!("lease-{number}")).collect();
+    expected.sort();
+    assert_eq!(leases, expected);
+
+    let call_sizes = harness.call_sizes.lock().unwrap();
+    assert!(
+        call_sizes.acks.len() < TASKS as usize,
+        "{TASKS} acks took {} calls: {:?}",
+        call_sizes.acks.len(),
+        call_sizes.acks
+    );
+    assert_eq!(call_sizes.acks.iter().sum::<usize>(), TASKS as usize);
+    assert!(call_sizes.nacks.is_empty());
+}
+
+#[tokio::test]
+async fn failed_item_leaves_batch_alone() {
+    // `lease-2` is stale and `lease-3` fails once with UNAVAILABLE. With a batch size of
+    // 3 and a long flush interval, the three acks go in one call.
+    let mut harness = start_broker_with(FakeOptions {
+        stale_leases: HashSet::from(["lease-2".to_owned()]),
+        unavailable_once: HashSet::from(["lease-3".to_owned()]),
+        ..FakeOptions::default()
+    })
+    .await;
+    let worker = Worker::builder(harness.client.clone())
+        .queue("jobs")
+        .concurrency(3)
+        .settle_batch(3, Duration::from_secs(3600))
+        .build(handle)
+        .unwrap();
+    let (stop, shutdown) = shutdown_signal();
+    let running = tokio::spawn(worker.run(shutdown));
+
+    let subscription = harness.next_subscription().await;
+    for number in 1..=3 {
+        subscription
+            .events
+            .send(delivery("ok", number))
+            .await
+            .unwrap();
+    }
+    let mut leases = Vec::new();
+    for _ in 0..3 {
+        if let Settlement::Ack { lease_id, .. } = harness.next_settlement().await {
+            leases.push(lease_id);
+        }
+    }
+    // Only `lease-3` is retried. The worker is still running, so the retry waits for
+    // the drain at shutdown, which sends it without the flush interval.
+    stop.send(()).unwrap();
+    expect_stopped(running).await;
+    for settlement in harness.recorded_settlements() {
+        if let Settlement::Ack { lease_id, .. } = settlement {
+            leases.push(lease_id);
+        }
+    }
+
+    leases.sort();
+    assert_eq!(leases, ["lease-1", "lease-2", "lease-3", "lease-3"]);
+    let call_sizes = harness.call_sizes.lock().unwrap();
+    assert_eq!(call_sizes.acks, [3, 1]);
+}
+
+#[tokio::test]
+async fn shutdown_flushes_pending_settles() {
+    let mut harness = start_broker(None, None).await;
+    // The flush interval and the grace period are far above `TIMEOUT`, so `run` returns
+    // in time only if shutdown sends the queued settles at once.
+    let worker = Worker::builder(harness.client.clone())
+        .queue("jobs")
+        .concurrency(4)
+        .shutdown_grace(Duration::from_secs(3600))
+        .settle_batch(64, Duration::from_secs(3600))
+        .build(handle)
+        .unwrap();
+    let (stop, shutdown) = shutdown_signal();
+    let running = tokio::spawn(worker.run(shutdown));
+
+    let subscription = harness.next_subscription().await;
+    subscription.events.send(delivery("ok", 1)).await.unwrap();
+    subscription.events.send(delivery("fail", 2)).await.unwrap();
+    subscription.events.send(delivery("slow", 3)).await.unwrap();
+    // Give the fast handlers time to finish, so that their settles wait in a batch.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        harness.recorded_settlements().is_empty(),
+        "a settle was sent before its batch was due"
+    );
+
+    stop.send(()).unwrap();
+    expect_stopped(running).await;
+
+    let settlements = harness.recorded_settlements();
+    assert_eq!(settlements.len(), 3, "{settlements:?}");
+    assert!(settlements.contains(&Settlement::Ack {
+        lease_id: "lease-1".to_owned(),
+        result: Bytes::from("done task-1"),
+    }));
+    assert!(settlements.contains(&Settlement::Nack {
+        lease_id: "lease-2".to_owned(),
+        error: "invalid recipient".to_owned(),
+    }));
+    assert!(settlements.contains(&Settlement::Ack {
+        lease_id: "lease-3".to_owned(),
+        result: Bytes::new(),
+    }));
+}
+
+#[tokio::test]
+async fn failed_call_retries_each_item() {
+    // Every Ack call fails as a whole with UNAVAILABLE. The deliveries have no lease
+    // deadline, so each lease gets 3 tries, and both leases go in every call.
+    let unavailable = Status::unavailable("broker is shutting down");
+    let mut harness = start_broker(None, Some(unavailable)).await;
+    let worker = Worker::builder(harness.client.clone())
+        .queue("jobs")
+        .concurrency(2)
+        .settle_batch(2, Duration::from_secs(3600))
+        .build(handle)
+        .unwrap();
+    let (stop, shutdown) = shutdown_signal();
+    let running = tokio::spawn(worker.run(shutdown));
+
+    let subscription = harness.next_subscription().await;
+    subscription.events.send(delivery("ok", 1)).await.unwrap();
+    subscription.events.send(delivery("ok", 2)).await.unwrap();
+    let mut leases = Vec::new();
+    for _ in 0..6 {
+        if let Settlement::Ack { lease_id, .. } = harness.next_settlement().await {
+            leases.push(lease_id);
+        }
+    }
+
+    stop.send(()).unwrap();
+    expect_stopped(running).await;
+
+    assert!(
+        harness.recorded_settlements().is_empty(),
+        "an ack was tried more than 3 times"
+    );
+    leases.sort();
+    assert_eq!(
+        leases,
+        [
+            "lease-1", "lease-1", "lease-1", "lease-2", "lease-2", "lease-2"
+        ]
+    );
+    assert_eq!(harness.call_sizes.lock().unwrap().acks, [2, 2, 2]);
 }

@@ -21,6 +21,16 @@ const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// Maximum reconnect delay.
 const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// Default maximum number of leases settled by one Ack or Nack call.
+const DEFAULT_SETTLE_MAX_BATCH: usize = 64;
+
+/// Default time a partial batch of acks or nacks waits for more items.
+const DEFAULT_SETTLE_FLUSH_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Upper limit of the settle batch size. It equals the broker's default limit of items
+/// per Ack or Nack call, so that the broker accepts every batch with default settings.
+const MAX_SETTLE_BATCH: usize = 1000;
+
 /// Configures and builds a [`Worker`]. Created by [`Worker::builder`].
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until `build` is called"]
@@ -33,6 +43,8 @@ pub struct WorkerBuilder {
     shutdown_grace: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
+    settle_max_batch: usize,
+    settle_flush_interval: Duration,
 }
 
 impl WorkerBuilder {
@@ -46,6 +58,8 @@ impl WorkerBuilder {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            settle_max_batch: DEFAULT_SETTLE_MAX_BATCH,
+            settle_flush_interval: DEFAULT_SETTLE_FLUSH_INTERVAL,
         }
     }
 
@@ -107,6 +121,19 @@ impl WorkerBuilder {
         self
     }
 
+    /// Sets how acks and nacks are batched. The defaults are 64 items and 1 ms.
+    ///
+    /// The worker sends up to `max_items` leases in one Ack or Nack call, and sends a
+    /// partial batch `flush_interval` after its first item arrived. Acks and nacks go in
+    /// separate calls, and up to 4 calls run at once. A longer interval makes fewer,
+    /// larger calls but delays every settle by up to that time, which counts against
+    /// the lease. Use `settle_batch(1, Duration::ZERO)` to send every settle on its own.
+    pub fn settle_batch(mut self, max_items: usize, flush_interval: Duration) -> Self {
+        self.settle_max_batch = max_items;
+        self.settle_flush_interval = flush_interval;
+        self
+    }
+
     /// Builds a worker that runs `handler` for every delivered task.
     ///
     /// The handler returns `Ok` with an optional result to acknowledge the task, or
@@ -115,8 +142,9 @@ impl WorkerBuilder {
     /// # Errors
     ///
     /// Returns [`Error::InvalidConfig`] if no queue is set, if the concurrency or
-    /// `max_in_flight` is 0 or too large, if the lease duration is out of range, or if
-    /// the initial reconnect delay is 0 or above the maximum.
+    /// `max_in_flight` is 0 or too large, if the lease duration is out of range, if the
+    /// initial reconnect delay is 0 or above the maximum, or if the settle batch size is
+    /// outside 1..=1000.
     pub fn build<F, Fut>(self, handler: F) -> Result<Worker, Error>
     where
         F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
@@ -161,6 +189,13 @@ impl WorkerBuilder {
             )));
         }
 
+        if !(1..=MAX_SETTLE_BATCH).contains(&self.settle_max_batch) {
+            return Err(Error::InvalidConfig(format!(
+                "settle batch size {} is out of range 1..={MAX_SETTLE_BATCH}",
+                self.settle_max_batch
+            )));
+        }
+
         Ok(Worker {
             client: self.client,
             queues: self.queues,
@@ -170,6 +205,8 @@ impl WorkerBuilder {
             shutdown_grace: self.shutdown_grace,
             backoff_initial: self.backoff_initial,
             backoff_max: self.backoff_max,
+            settle_max_batch: self.settle_max_batch,
+            settle_flush_interval: self.settle_flush_interval,
             handler: box_handler(handler),
         })
     }

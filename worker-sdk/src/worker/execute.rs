@@ -9,8 +9,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::AbortHandle;
 use tracing::{debug, error, warn};
 
+use super::settle::{Settle, SettleSender};
 use crate::handler::BoxHandler;
-use crate::{Client, Error, TaskContext};
+use crate::{Error, TaskContext};
 
 /// Tries per ack or nack while the broker is unavailable, if the delivery has no lease
 /// deadline. With a deadline, tries go on while the lease is live.
@@ -29,10 +30,10 @@ enum Outcome {
     Failed(String),
 }
 
-/// Runs the handler for one delivery, then acks or nacks its lease. `_permit` holds a
-/// handler slot until the lease is settled.
+/// Runs the handler for one delivery, then acks or nacks its lease through the settle
+/// batcher. `_permit` holds a handler slot until the lease is settled.
 pub(super) async fn execute(
-    client: Client,
+    settler: SettleSender,
     handler: BoxHandler,
     context: TaskContext,
     _permit: OwnedSemaphorePermit,
@@ -70,13 +71,14 @@ pub(super) async fn execute(
         }
     };
 
-    settle(&client, &task_id, &lease_id, lease_deadline, outcome).await;
+    settle(&settler, &task_id, &lease_id, lease_deadline, outcome).await;
 }
 
 /// Acks or nacks a lease, retrying while the broker is unavailable and the lease is
-/// live.
+/// live. Each try goes into the next batch, and only this lease's own outcome decides
+/// whether it is retried.
 async fn settle(
-    client: &Client,
+    settler: &SettleSender,
     task_id: &str,
     lease_id: &str,
     lease_deadline: Option<SystemTime>,
@@ -89,16 +91,23 @@ async fn settle(
     let mut delay = SETTLE_RETRY_DELAY;
     let mut try_number = 1;
     loop {
-        let result = match &outcome {
-            Outcome::Succeeded(result) => client.ack(lease_id, result.clone()).await,
-            Outcome::Failed(message) => client.nack(lease_id, message).await.map(|state| {
-                if state == TaskState::Dead {
-                    warn!(%task_id, error = %message, "task dead-lettered after its last attempt");
-                } else {
-                    debug!(%task_id, ?state, "nacked");
-                }
-            }),
+        let request = match &outcome {
+            Outcome::Succeeded(result) => Settle::Ack {
+                lease_id: lease_id.to_owned(),
+                result: result.clone(),
+            },
+            Outcome::Failed(message) => Settle::Nack {
+                lease_id: lease_id.to_owned(),
+                error: message.clone(),
+            },
         };
+        let result = settler.settle(request).await.map(|state| match &outcome {
+            Outcome::Succeeded(_) => debug!(%task_id, "acked"),
+            Outcome::Failed(message) if state == TaskState::Dead => {
+                warn!(%task_id, error = %message, "task dead-lettered after its last attempt");
+            }
+            Outcome::Failed(_) => debug!(%task_id, ?state, "nacked"),
+        });
 
         let error = match result {
             Ok(()) => return,
