@@ -199,8 +199,8 @@ impl Worker {
                     continue;
                 }
                 Some(Event::CancelNotice(notice)) => {
-                    // NOTE: the running handler is not told; it finishes, and its Ack or
-                    // Nack settles the cancelled task.
+                    // NOTE: the running handler is not signalled. It runs to the end, and
+                    // its Ack or Nack settles the cancelled task.
                     info!(task_id = %notice.task_id, lease_id = %notice.lease_id, "task cancelled while running");
                     continue;
                 }

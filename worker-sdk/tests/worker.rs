@@ -600,7 +600,7 @@ async fn shutdown_waits_for_running_handlers() {
 #[tokio::test]
 async fn shutdown_grace_aborts_handlers() {
     let mut harness = start_broker(None, None).await;
-    // Every running handler holds a clone of `alive`, so `recv` returns `None` only
+    // Every running handler owns a clone of `alive`, so `recv` returns `None` only
     // after every handler future is dropped.
     let (alive, mut alive_receiver) = mpsc::channel::<()>(1);
     let worker = Worker::builder(harness.client.clone())

@@ -373,8 +373,8 @@ impl Dispatcher {
 
     /// Asks the storage writer for the next tasks of every queue whose window ran low.
     fn request_refills(&self, state: &mut State) {
-        let wanted = state.refills_wanted();
-        if wanted.is_empty() {
+        let needed = state.queues_needing_refill();
+        if needed.is_empty() {
             return;
         }
         let sender = self
@@ -385,7 +385,7 @@ impl Dispatcher {
         let Some(sender) = sender.and_then(|weak| weak.upgrade()) else {
             return;
         };
-        for (queue, after) in wanted {
+        for (queue, after) in needed {
             let op = WriteOp::Refill {
                 queue: queue.clone(),
                 after,

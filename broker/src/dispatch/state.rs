@@ -2,9 +2,9 @@
 //!
 //! Each queue keeps a window of at most `window` ready tasks in memory, the first ones of
 //! its ready index in the store. Every deliverable task of the index up to the window's
-//! end (`loaded_until`) is in the window, leased, or being settled; tasks after it are
-//! only in the store until a refill reads them. A queue whose window holds every task of
-//! its index is `complete`.
+//! end (`loaded_until`) is in the window, leased, or being settled. Tasks after it are
+//! only in the store until a refill reads them. A queue whose window contains every task
+//! of its index is `complete`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -51,7 +51,7 @@ pub(super) struct State {
 
 struct QueueState {
     window: BTreeMap<ReadyKey, Arc<ReadyTask>>,
-    /// The window holds every deliverable task of the queue's index.
+    /// The window contains every deliverable task of the queue's index.
     complete: bool,
     /// Key of the last index entry that the window covers; meaningful when not complete.
     loaded_until: Option<ReadyKey>,
@@ -275,7 +275,7 @@ impl State {
 
     /// Returns the queues whose window ran low and that have more tasks in the store, with
     /// the window position to read after.
-    pub fn refills_wanted(&self) -> Vec<(QueueName, Option<ReadyKey>)> {
+    pub fn queues_needing_refill(&self) -> Vec<(QueueName, Option<ReadyKey>)> {
         let low_water = self.window / 2;
         self.queues
             .iter()
@@ -305,7 +305,8 @@ impl State {
     }
 
     pub fn refills_outstanding(&self) -> bool {
-        self.queues.values().any(|queue| queue.refill_pending) || !self.refills_wanted().is_empty()
+        self.queues.values().any(|queue| queue.refill_pending)
+            || !self.queues_needing_refill().is_empty()
     }
 
     pub fn mark_refill_pending(&mut self, queue_name: &QueueName) {

@@ -88,8 +88,8 @@ impl<'txn> Tables<'txn> {
         self.put_task(task_id, record)
     }
 
-    /// Stores a changed task. `before` holds the index fields of the stored version, whose
-    /// index entries are replaced by those of `record`.
+    /// Stores a changed task. `before` contains the index fields of the stored version,
+    /// whose index entries are replaced by those of `record`.
     pub fn rewrite_task(
         &mut self,
         task_id: TaskId,
@@ -262,15 +262,37 @@ fn record_attempt(record: &mut TaskRecord, settled: &SettledLease, error: &str, 
     enter_state(record, TaskRecordState::Leased, settled.started_at_us);
 }
 
-fn read_settled(tables: &Tables<'_>, settled: &SettledLease) -> Result<TaskRecord, BrokerError> {
-    match tables.get_task(settled.task.id)? {
-        Some(record) => Ok(record),
-        None => Err(StoreError::Corrupt {
+/// The stored record of a task whose lease was settled.
+enum Settling {
+    /// Not final yet: the settle applies to it.
+    Open(Box<TaskRecord>),
+    /// Already final, because it was cancelled while the settle waited for the writer.
+    /// The settle changes nothing and reports this outcome.
+    Final(SettleOutcome),
+}
+
+/// Marks a settled lease's task as no longer settling and reads its record. The outer error
+/// fails the batch; the inner one fails this request only.
+fn begin_settle(
+    tables: &Tables<'_>,
+    cx: &Context<'_>,
+    settled: &SettledLease,
+) -> Result<Result<Settling, BrokerError>, StoreError> {
+    cx.dispatcher.finish_settling(settled.task.id);
+    let Some(record) = tables.get_task(settled.task.id)? else {
+        return Ok(Err(StoreError::Corrupt {
             task_id: settled.task.id,
             message: "a leased task is missing from the store".to_owned(),
         }
-        .into()),
+        .into()));
+    };
+    if is_final(record.state()) {
+        return Ok(Ok(Settling::Final(SettleOutcome {
+            state: record.state(),
+            cancel_requested: record.cancel_requested,
+        })));
     }
+    Ok(Ok(Settling::Open(Box::new(record))))
 }
 
 pub(crate) fn complete(
@@ -279,21 +301,11 @@ pub(crate) fn complete(
     settled: &SettledLease,
     result: &Bytes,
 ) -> Result<Result<SettleOutcome, BrokerError>, StoreError> {
-    cx.dispatcher.finish_settling(settled.task.id);
-    let mut record = match read_settled(tables, settled) {
-        Ok(record) => record,
-        Err(BrokerError::Store(err)) if !matches!(err, StoreError::Corrupt { .. }) => {
-            return Err(err);
-        }
+    let mut record = match begin_settle(tables, cx, settled)? {
+        Ok(Settling::Open(record)) => *record,
+        Ok(Settling::Final(outcome)) => return Ok(Ok(outcome)),
         Err(err) => return Ok(Err(err)),
     };
-    if is_final(record.state()) {
-        // Cancelled while the Ack waited for the writer, so the cancellation is kept.
-        return Ok(Ok(SettleOutcome {
-            state: record.state(),
-            cancel_requested: record.cancel_requested,
-        }));
-    }
 
     let before = IndexKeys::of(&record);
     record_attempt(&mut record, settled, "", cx.now_us);
@@ -319,20 +331,11 @@ pub(crate) fn fail(
     settled: &SettledLease,
     failure: &Failure,
 ) -> Result<Result<SettleOutcome, BrokerError>, StoreError> {
-    cx.dispatcher.finish_settling(settled.task.id);
-    let mut record = match read_settled(tables, settled) {
-        Ok(record) => record,
-        Err(BrokerError::Store(err)) if !matches!(err, StoreError::Corrupt { .. }) => {
-            return Err(err);
-        }
+    let mut record = match begin_settle(tables, cx, settled)? {
+        Ok(Settling::Open(record)) => *record,
+        Ok(Settling::Final(outcome)) => return Ok(Ok(outcome)),
         Err(err) => return Ok(Err(err)),
     };
-    if is_final(record.state()) {
-        return Ok(Ok(SettleOutcome {
-            state: record.state(),
-            cancel_requested: record.cancel_requested,
-        }));
-    }
 
     let before = IndexKeys::of(&record);
     record_attempt(&mut record, settled, &failure.error, cx.now_us);
