@@ -24,6 +24,10 @@ use prost::bytes::Bytes;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 
+// The allocator of the broker binary, so that the figures match it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Page cache of the benchmark's stores, as small as the broker's default.
 const CACHE_BYTES: usize = 128 << 20;
 
