@@ -29,7 +29,9 @@ pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 pub struct TaskId(Uuid);
 
 impl TaskId {
-    /// Creates a new id. Ids made by one process are strictly increasing.
+    /// Creates a new id from the system's random source. Ids made by one process are
+    /// strictly increasing. The storage writer uses a [`TaskIdGenerator`] instead, which
+    /// needs no system call per id.
     pub fn generate() -> Self {
         TaskId(Uuid::now_v7())
     }
@@ -53,6 +55,55 @@ impl TaskId {
     /// Rebuilds an id from a tasks-table key.
     pub fn from_key(key: u128) -> Self {
         TaskId(Uuid::from_u128(key))
+    }
+}
+
+/// Bits of a UUIDv7 below its 48-bit millisecond timestamp that are free for a counter:
+/// 12 bits of `rand_a` and 62 bits of `rand_b`.
+const COUNTER_BITS: u32 = 74;
+
+/// Makes strictly increasing UUIDv7 task ids from a seeded generator.
+///
+/// Within one millisecond the ids count up from a random start below half of the counter
+/// space, which leaves at least 2^73 ids per millisecond; a new millisecond draws a new
+/// start. If the clock goes back, the ids keep counting from the last one.
+pub struct TaskIdGenerator<R> {
+    rng: R,
+    millis: u64,
+    counter: u128,
+}
+
+impl<R: rand::RngCore> TaskIdGenerator<R> {
+    /// Creates a generator that draws the random part of its ids from `rng`.
+    pub fn new(rng: R) -> Self {
+        TaskIdGenerator {
+            rng,
+            millis: 0,
+            counter: 0,
+        }
+    }
+
+    /// Returns the next id for a task created at `now_millis` since the Unix epoch.
+    pub fn next(&mut self, now_millis: u64) -> TaskId {
+        if now_millis > self.millis {
+            self.millis = now_millis;
+            let random = u128::from(self.rng.next_u64()) << 64 | u128::from(self.rng.next_u64());
+            self.counter = random & ((1 << (COUNTER_BITS - 1)) - 1);
+        } else {
+            self.counter += 1;
+            if self.counter >> COUNTER_BITS != 0 {
+                self.millis += 1;
+                self.counter = 0;
+            }
+        }
+        let rand_a = (self.counter >> 62) & 0xfff;
+        let rand_b = self.counter & ((1 << 62) - 1);
+        let value = u128::from(self.millis & ((1 << 48) - 1)) << 80
+            | 0x7 << 76
+            | rand_a << 64
+            | 0b10 << 62
+            | rand_b;
+        TaskId(Uuid::from_u128(value))
     }
 }
 
@@ -334,5 +385,45 @@ mod tests {
         let first = TaskId::generate();
         let second = TaskId::generate();
         assert!(second > first);
+    }
+
+    #[test]
+    fn generated_ids_are_increasing_version_7_uuids() {
+        use rand::SeedableRng;
+
+        let mut ids = TaskIdGenerator::new(rand::rngs::StdRng::seed_from_u64(7));
+        let millis = 1_780_000_000_000;
+        let mut previous = ids.next(millis);
+        // The same millisecond, a later one, and a clock that went back.
+        for now in [
+            millis,
+            millis,
+            millis + 1,
+            millis + 1,
+            millis - 5,
+            millis + 2,
+        ] {
+            let id = ids.next(now);
+            assert!(id > previous, "{id} follows {previous}");
+            assert_eq!(id.0.get_version_num(), 7);
+            assert_eq!(id.0.get_variant(), uuid::Variant::RFC4122);
+            previous = id;
+        }
+        let (seconds, _) = previous.0.get_timestamp().expect("v7 timestamp").to_unix();
+        assert_eq!(seconds, (millis + 2) / 1000);
+    }
+
+    #[test]
+    fn generator_carries_into_the_next_millisecond() {
+        use rand::SeedableRng;
+
+        let mut ids = TaskIdGenerator::new(rand::rngs::StdRng::seed_from_u64(1));
+        let first = ids.next(1000);
+        ids.counter = (1 << COUNTER_BITS) - 1;
+        let carried = ids.next(1000);
+        assert!(carried > first);
+        assert_eq!(ids.millis, 1001);
+        let later = ids.next(1001);
+        assert!(later > carried);
     }
 }

@@ -11,13 +11,13 @@ use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::index::{IndexKeys, Indexed};
 use super::index::{read_ready, ready_key};
-use super::records::{enter_state, is_final, ready_task, wire_state};
+use super::records::{enter_state, is_final, ready_task, ready_task_in, wire_state};
 use super::writer::{DeadSelection, Enqueued, Failure, SettingsUpdate, SettleOutcome};
 use super::{IDEMPOTENCY, IDEMPOTENCY_EXPIRY, META, QUEUES, TASKS, add_micros, decode_record};
 use crate::dispatch::{Claim, Dispatcher, Effect, ReadyKey, ReadyTask, SettledLease};
 use crate::error::{BrokerError, StoreError};
 use crate::settings::{QueueSettings, SettingsCache};
-use crate::task::{NewTask, QueueName, TaskId};
+use crate::task::{NewTask, QueueName, TaskId, TaskIdGenerator};
 
 /// Maximum number of dead tasks that one requeue or delete of a whole queue changes in
 /// one transaction. The broker repeats the request until fewer are left.
@@ -55,8 +55,7 @@ impl<'txn> Tables<'txn> {
         let changes = self.index.write_counts()?;
         let changes: Vec<(QueueName, i32, i64)> = changes
             .into_iter()
-            .filter(|(_, change)| *change != 0)
-            .filter_map(|((queue, state), change)| {
+            .filter_map(|(queue, state, change)| {
                 Some((QueueName::parse("queue", &queue).ok()?, state, change))
             })
             .collect();
@@ -165,6 +164,8 @@ pub(crate) struct Context<'a> {
     pub now_us: i64,
     pub next_sequence: &'a mut u64,
     pub rng: &'a mut rand::rngs::StdRng,
+    /// Source of new task ids.
+    pub ids: &'a mut TaskIdGenerator<rand::rngs::StdRng>,
     /// Committed changes for the dispatcher, in order.
     pub effects: Vec<Effect>,
     /// Changes that undo the request's claims on the dispatcher if the batch fails.
@@ -191,7 +192,7 @@ pub(crate) fn enqueue(
             continue;
         }
 
-        let task_id = TaskId::generate();
+        let task_id = cx.ids.next(u64::try_from(cx.now_us / 1000).unwrap_or(0));
         let mut record = TaskRecord {
             queue: task.queue.as_str().to_owned(),
             kind: task.kind.clone(),
@@ -224,8 +225,11 @@ pub(crate) fn enqueue(
                 .idempotency_expiry
                 .insert((expires_at, task.queue.as_str(), key.as_str()), ())?;
         }
-        cx.effects
-            .push(Effect::Ready(Arc::new(ready_task(task_id, &record)?)));
+        cx.effects.push(Effect::Ready(Arc::new(ready_task_in(
+            task.queue.clone(),
+            task_id,
+            &record,
+        ))));
         enqueued.push(Enqueued {
             id: task_id,
             duplicate: false,
@@ -453,6 +457,12 @@ pub(crate) fn purge_queue(
         let (_, task) = entry?;
         ids.push(TaskId::from_key(task.value()));
     }
+    // Retry-waiting tasks of every queue share one index by retry time, so the queue's
+    // own are picked by their records below.
+    for entry in tables.index.waiting.iter()? {
+        let (_, task) = entry?;
+        ids.push(TaskId::from_key(task.value()));
+    }
     let mut purged = 0;
     for task_id in ids {
         // A leased task finishes its attempt; its worker's Ack or Nack settles it.
@@ -462,6 +472,9 @@ pub(crate) fn purge_queue(
         let Some(record) = tables.get_task(task_id)? else {
             continue;
         };
+        if record.queue != queue.as_str() {
+            continue;
+        }
         tables.delete_task(task_id, &record)?;
         cx.effects.push(Effect::Forget(task_id));
         purged += 1;

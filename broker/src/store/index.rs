@@ -13,17 +13,13 @@ use crate::dispatch::{ReadyKey, ReadyTask};
 use crate::error::StoreError;
 use crate::task::{QueueName, TaskId};
 
-/// Tasks in state PENDING or RETRY_WAIT by (queue, negated priority, sequence): the order
-/// in which a queue delivers them.
+/// Tasks in state PENDING by (queue, negated priority, sequence): the order in which a
+/// queue delivers them. A retry keeps its sequence, so a promoted task goes back to its
+/// place. Leased tasks stay here, as deliveries are not stored.
 pub(crate) const READY: TableDefinition<(&str, i64, u64), u128> = TableDefinition::new("ready");
 
 /// Tasks in state RETRY_WAIT by (retry time in microseconds since the Unix epoch, sequence).
 pub(crate) const WAITING: TableDefinition<(i64, u64), u128> = TableDefinition::new("waiting");
-
-/// Enqueue time and id of tasks in state PENDING by (queue, sequence), for the age of a
-/// queue's oldest pending task.
-pub(crate) const PENDING_AGE: TableDefinition<(&str, u64), (i64, u128)> =
-    TableDefinition::new("pending_age");
 
 /// Number of tasks by (queue, stored state number).
 pub(crate) const COUNTS: TableDefinition<(&str, i32), u64> = TableDefinition::new("counts");
@@ -77,7 +73,7 @@ pub(crate) fn read_ready(
             continue;
         };
         let record = super::decode_record(task_id, value.value())?;
-        // Retry-waiting tasks join a window when their promotion makes them pending.
+        // Every entry is pending; `check` reports an index that says otherwise.
         if record.state() == TaskRecordState::Pending {
             pending.push(Arc::new(super::records::ready_task(task_id, &record)?));
         }
@@ -89,14 +85,33 @@ pub(crate) fn read_ready(
 #[derive(Debug, Clone)]
 pub(crate) struct IndexKeys {
     queue: String,
+    fields: IndexFields,
+}
+
+/// The index fields of a record besides its queue.
+#[derive(Debug, Clone, Copy)]
+struct IndexFields {
     priority: i32,
     sequence: u64,
     state: TaskRecordState,
     retry_at_us: i64,
     expires_at_us: i64,
     updated_at_us: i64,
-    created_at_us: i64,
     cancel_requested: bool,
+}
+
+impl IndexFields {
+    fn of(record: &TaskRecord) -> Self {
+        IndexFields {
+            priority: record.priority,
+            sequence: record.sequence,
+            state: record.state(),
+            retry_at_us: record.retry_at_us,
+            expires_at_us: record.expires_at_us,
+            updated_at_us: record.updated_at_us,
+            cancel_requested: record.cancel_requested,
+        }
+    }
 }
 
 impl IndexKeys {
@@ -104,14 +119,7 @@ impl IndexKeys {
     pub fn of(record: &TaskRecord) -> Self {
         IndexKeys {
             queue: record.queue.clone(),
-            priority: record.priority,
-            sequence: record.sequence,
-            state: record.state(),
-            retry_at_us: record.retry_at_us,
-            expires_at_us: record.expires_at_us,
-            updated_at_us: record.updated_at_us,
-            created_at_us: record.created_at_us,
-            cancel_requested: record.cancel_requested,
+            fields: IndexFields::of(record),
         }
     }
 }
@@ -125,12 +133,13 @@ pub(crate) fn ready_key(queue: &str, priority: i32, sequence: u64) -> (&str, i64
 pub(crate) struct Indexed<'txn> {
     pub(crate) ready: Table<'txn, (&'static str, i64, u64), u128>,
     pub(crate) waiting: Table<'txn, (i64, u64), u128>,
-    pending_age: Table<'txn, (&'static str, u64), (i64, u128)>,
     counts: Table<'txn, (&'static str, i32), u64>,
     cancel_requested: Table<'txn, u128, ()>,
     pub(crate) retention: Table<'txn, (i64, u128), ()>,
     pub(crate) dead: Table<'txn, (&'static str, i64, u128), ()>,
-    count_changes: BTreeMap<(String, i32), i64>,
+    /// Count changes by queue and state. A batch touches few queues, so a list searched
+    /// by name costs less than a map whose keys each need an owned name.
+    count_changes: Vec<(String, i32, i64)>,
 }
 
 impl<'txn> Indexed<'txn> {
@@ -138,46 +147,38 @@ impl<'txn> Indexed<'txn> {
         Ok(Indexed {
             ready: txn.open_table(READY)?,
             waiting: txn.open_table(WAITING)?,
-            pending_age: txn.open_table(PENDING_AGE)?,
             counts: txn.open_table(COUNTS)?,
             cancel_requested: txn.open_table(CANCEL_REQUESTED)?,
             retention: txn.open_table(RETENTION)?,
             dead: txn.open_table(DEAD)?,
-            count_changes: BTreeMap::new(),
+            count_changes: Vec::new(),
         })
     }
 
     /// Adds the entries of a record's state.
     pub fn add(&mut self, task_id: TaskId, record: &TaskRecord) -> Result<(), StoreError> {
-        self.apply(task_id, &IndexKeys::of(record), true)
+        self.apply(task_id, &record.queue, &IndexFields::of(record), true)
     }
 
     /// Removes the entries of a record's state, as `keys` captured it.
     pub fn remove(&mut self, task_id: TaskId, keys: &IndexKeys) -> Result<(), StoreError> {
-        self.apply(task_id, keys, false)
+        self.apply(task_id, &keys.queue, &keys.fields, false)
     }
 
-    fn apply(&mut self, task_id: TaskId, keys: &IndexKeys, add: bool) -> Result<(), StoreError> {
+    fn apply(
+        &mut self,
+        task_id: TaskId,
+        queue: &str,
+        keys: &IndexFields,
+        add: bool,
+    ) -> Result<(), StoreError> {
         let task = task_id.as_key();
-        let queue = keys.queue.as_str();
         let ready = ready_key(queue, keys.priority, keys.sequence);
-        let deliverable = matches!(
-            keys.state,
-            TaskRecordState::Pending | TaskRecordState::RetryWait
-        );
-        if deliverable {
+        if keys.state == TaskRecordState::Pending {
             if add {
                 self.ready.insert(ready, task)?;
             } else {
                 self.ready.remove(ready)?;
-            }
-        }
-        if keys.state == TaskRecordState::Pending {
-            if add {
-                self.pending_age
-                    .insert((queue, keys.sequence), (keys.created_at_us, task))?;
-            } else {
-                self.pending_age.remove((queue, keys.sequence))?;
             }
         }
         if keys.state == TaskRecordState::RetryWait {
@@ -209,11 +210,16 @@ impl<'txn> Indexed<'txn> {
                 self.cancel_requested.remove(task)?;
             }
         }
-        let change = self
+        let state = keys.state as i32;
+        let delta = if add { 1 } else { -1 };
+        match self
             .count_changes
-            .entry((keys.queue.clone(), keys.state as i32))
-            .or_default();
-        *change += if add { 1 } else { -1 };
+            .iter_mut()
+            .find(|(name, changed, _)| *changed == state && name == queue)
+        {
+            Some((_, _, change)) => *change += delta,
+            None => self.count_changes.push((queue.to_owned(), state, delta)),
+        }
         Ok(())
     }
 
@@ -223,13 +229,18 @@ impl<'txn> Indexed<'txn> {
     }
 
     /// Writes the count changes and returns them. Call once, before the commit.
-    pub fn write_counts(&mut self) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
-        let changes = std::mem::take(&mut self.count_changes);
-        for ((queue, state), &change) in &changes {
-            if change == 0 {
-                continue;
-            }
-            let key = (queue.as_str(), *state);
+    pub fn write_counts(&mut self) -> Result<Vec<(String, i32, i64)>, StoreError> {
+        let mut changes = std::mem::take(&mut self.count_changes);
+        changes.retain(|(_, _, change)| *change != 0);
+        for (queue, state, change) in &changes {
+            self.write_count(queue, *state, *change)?;
+        }
+        Ok(changes)
+    }
+
+    fn write_count(&mut self, queue: &str, state: i32, change: i64) -> Result<(), StoreError> {
+        let key = (queue, state);
+        {
             let current = self
                 .counts
                 .get(key)?
@@ -242,7 +253,7 @@ impl<'txn> Indexed<'txn> {
                 self.counts.insert(key, updated)?;
             }
         }
-        Ok(changes)
+        Ok(())
     }
 }
 
@@ -251,7 +262,6 @@ impl<'txn> Indexed<'txn> {
 struct Expected {
     ready: std::collections::BTreeSet<(String, i64, u64, u128)>,
     waiting: std::collections::BTreeSet<(i64, u64, u128)>,
-    pending_age: std::collections::BTreeSet<(String, u64, i64, u128)>,
     counts: BTreeMap<(String, i32), u64>,
     cancel_requested: std::collections::BTreeSet<u128>,
     retention: std::collections::BTreeSet<(i64, u128)>,
@@ -261,20 +271,14 @@ struct Expected {
 impl Expected {
     fn add(&mut self, task: u128, keys: &IndexKeys) {
         let queue = keys.queue.clone();
-        if matches!(
-            keys.state,
-            TaskRecordState::Pending | TaskRecordState::RetryWait
-        ) {
+        let keys = &keys.fields;
+        if keys.state == TaskRecordState::Pending {
             self.ready.insert((
                 queue.clone(),
                 -i64::from(keys.priority),
                 keys.sequence,
                 task,
             ));
-        }
-        if keys.state == TaskRecordState::Pending {
-            self.pending_age
-                .insert((queue.clone(), keys.sequence, keys.created_at_us, task));
         }
         if keys.state == TaskRecordState::RetryWait {
             self.waiting.insert((keys.retry_at_us, keys.sequence, task));
@@ -323,14 +327,6 @@ pub fn check(db: &redb::Database) -> Result<Result<(), String>, StoreError> {
         let (retry_at, sequence) = key.value();
         actual.waiting.insert((retry_at, sequence, value.value()));
     }
-    for entry in txn.open_table(PENDING_AGE)?.iter()? {
-        let (key, value) = entry?;
-        let (queue, sequence) = key.value();
-        let (created_at, task) = value.value();
-        actual
-            .pending_age
-            .insert((queue.to_owned(), sequence, created_at, task));
-    }
     for entry in txn.open_table(COUNTS)?.iter()? {
         let (key, value) = entry?;
         let (queue, state) = key.value();
@@ -362,14 +358,6 @@ pub fn check(db: &redb::Database) -> Result<Result<(), String>, StoreError> {
             })*
         };
     }
-    compare!(
-        ready,
-        waiting,
-        pending_age,
-        counts,
-        cancel_requested,
-        retention,
-        dead
-    );
+    compare!(ready, waiting, counts, cancel_requested, retention, dead);
     Ok(Ok(()))
 }

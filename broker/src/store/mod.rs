@@ -21,7 +21,7 @@ use crate::dispatch::{Effect, LeaseView};
 use crate::error::StoreError;
 use crate::settings::Defaults;
 use crate::task::{QueueName, TaskId};
-use index::{CANCEL_REQUESTED, COUNTS, DEAD, IndexKeys, PENDING_AGE, READY, RETENTION, WAITING};
+use index::{CANCEL_REQUESTED, COUNTS, DEAD, IndexKeys, READY, RETENTION, WAITING};
 
 /// Tasks by id (`TaskId::as_key`), each a prost-encoded `TaskRecord`.
 pub(crate) const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
@@ -38,8 +38,14 @@ pub(crate) const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), ()> =
 /// Store-wide values by name, such as the schema version.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// Version of the table layout. Version 2 added the secondary indexes in `index`.
-const SCHEMA_VERSION: u64 = 2;
+/// Version of the table layout. Version 2 added the secondary indexes in `index`; version
+/// 3 keeps only pending tasks in READY and finds the oldest pending task there instead of
+/// in a table of its own.
+const SCHEMA_VERSION: u64 = 3;
+
+/// The table of pending tasks by age that version 2 kept, deleted by the upgrade to 3.
+const PENDING_AGE_V2: TableDefinition<(&str, u64), (i64, u128)> =
+    TableDefinition::new("pending_age");
 
 /// Queue settings by queue name, each a prost-encoded `QueueSettingsRecord`.
 pub(crate) const QUEUES: TableDefinition<&str, &[u8]> = TableDefinition::new("queues");
@@ -60,6 +66,49 @@ pub struct Recovered {
     pub next_sequence: u64,
     /// Number of tasks that are pending or waiting for a retry.
     pub deliverable: u64,
+}
+
+/// Builds every secondary index and the next sequence number from the records of a data
+/// file of version 0 or 1, which had none of them. Returns the number of records.
+fn build_indexes(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
+    let tasks = txn.open_table(TASKS)?;
+    let mut index = index::Indexed::open(txn)?;
+    let mut indexed = 0u64;
+    let mut max_sequence = 0;
+    for entry in tasks.iter()? {
+        let (key, value) = entry?;
+        let task_id = TaskId::from_key(key.value());
+        let record = decode_record(task_id, value.value())?;
+        max_sequence = max_sequence.max(record.sequence);
+        // Version 1 kept retention and dead entries already; re-adding is harmless.
+        index.add(task_id, &record)?;
+        indexed += 1;
+    }
+    index.write_counts()?;
+    txn.open_table(META)?
+        .insert("next_sequence", max_sequence + 1)?;
+    Ok(indexed)
+}
+
+/// Removes the READY entries of retry-waiting tasks, which version 2 kept there. Returns
+/// the number of entries removed.
+fn upgrade_from_v2(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
+    let tasks = txn.open_table(TASKS)?;
+    let mut ready = txn.open_table(READY)?;
+    let mut removed = 0u64;
+    for entry in txn.open_table(WAITING)?.iter()? {
+        let (_, task) = entry?;
+        let task_id = TaskId::from_key(task.value());
+        let Some(value) = tasks.get(task.value())? else {
+            continue;
+        };
+        let record = decode_record(task_id, value.value())?;
+        let key = index::ready_key(&record.queue, record.priority, record.sequence);
+        if ready.remove(key)?.is_some() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 impl Store {
@@ -94,7 +143,6 @@ impl Store {
         txn.open_table(META)?;
         txn.open_table(READY)?;
         txn.open_table(WAITING)?;
-        txn.open_table(PENDING_AGE)?;
         txn.open_table(COUNTS)?;
         txn.open_table(CANCEL_REQUESTED)?;
         txn.open_table(RETENTION)?;
@@ -106,38 +154,33 @@ impl Store {
         Ok(store)
     }
 
-    /// Builds the secondary indexes of a data file written before they existed.
+    /// Brings a data file written by an earlier version to the current table layout.
     fn upgrade_schema(&self) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            let version = meta.get("schema")?.map(|value| value.value()).unwrap_or(0);
-            if version >= SCHEMA_VERSION {
-                return Ok(());
-            }
-            let tasks = txn.open_table(TASKS)?;
-            let mut index = index::Indexed::open(&txn)?;
-            let mut indexed = 0u64;
-            let mut max_sequence = 0;
-            for entry in tasks.iter()? {
-                let (key, value) = entry?;
-                let task_id = TaskId::from_key(key.value());
-                let record = decode_record(task_id, value.value())?;
-                max_sequence = max_sequence.max(record.sequence);
-                // Version 1 kept retention and dead entries already; re-adding is harmless.
-                index.add(task_id, &record)?;
-                indexed += 1;
-            }
-            index.write_counts()?;
-            meta.insert("next_sequence", max_sequence + 1)?;
-            meta.insert("schema", SCHEMA_VERSION)?;
-            tracing::info!(
-                tasks = indexed,
-                version = SCHEMA_VERSION,
-                "data file upgraded"
-            );
+        let version = txn
+            .open_table(META)?
+            .get("schema")?
+            .map(|value| value.value())
+            .unwrap_or(0);
+        if version >= SCHEMA_VERSION {
+            return Ok(());
         }
+        let entries = if version == 2 {
+            upgrade_from_v2(&txn)?
+        } else {
+            build_indexes(&txn)?
+        };
+        if txn.delete_table(PENDING_AGE_V2)? {
+            tracing::debug!("deleted the pending-age table of schema version 2");
+        }
+        txn.open_table(META)?.insert("schema", SCHEMA_VERSION)?;
         txn.commit()?;
+        tracing::info!(
+            entries,
+            from = version,
+            to = SCHEMA_VERSION,
+            "data file upgraded"
+        );
         Ok(())
     }
 
@@ -305,15 +348,48 @@ impl Store {
         is_held: impl Fn(TaskId) -> bool,
     ) -> Result<Option<i64>, StoreError> {
         let txn = self.db.begin_read()?;
-        let ages = txn.open_table(PENDING_AGE)?;
-        for entry in ages.range((queue.as_str(), 0u64)..=(queue.as_str(), u64::MAX))? {
-            let (_, value) = entry?;
-            let (created_at, task) = value.value();
-            if !is_held(TaskId::from_key(task)) {
-                return Ok(Some(created_at));
+        let ready = txn.open_table(READY)?;
+        let name = queue.as_str();
+        // READY orders a queue's tasks by priority, then by sequence, which follows the
+        // enqueue time. The oldest task is the one with the lowest sequence among the first
+        // unheld task of each priority, so the scan visits each priority once.
+        let mut oldest: Option<(u64, u128)> = None;
+        let mut from = index::ready_key(name, i32::MAX, 0);
+        let end = index::ready_key(name, i32::MIN, u64::MAX);
+        while from <= end {
+            let mut priority = None;
+            let mut unheld = None;
+            for entry in ready.range(from..=end)? {
+                let (key, task) = entry?;
+                let (_, negated_priority, sequence) = key.value();
+                if *priority.get_or_insert(negated_priority) != negated_priority {
+                    break;
+                }
+                if !is_held(TaskId::from_key(task.value())) {
+                    unheld = Some((sequence, task.value()));
+                    break;
+                }
             }
+            let Some(negated_priority) = priority else {
+                break;
+            };
+            if let Some((sequence, task)) = unheld
+                && oldest.is_none_or(|(best, _)| sequence < best)
+            {
+                oldest = Some((sequence, task));
+            }
+            // Negated priorities come from i32, so adding one cannot overflow.
+            from = (name, negated_priority + 1, 0);
         }
-        Ok(None)
+        let Some((_, task)) = oldest else {
+            return Ok(None);
+        };
+        let tasks = txn.open_table(TASKS)?;
+        let task_id = TaskId::from_key(task);
+        match tasks.get(task)? {
+            Some(value) => Ok(Some(decode_record(task_id, value.value())?.created_at_us)),
+            None => Ok(None),
+        }
     }
 
     /// Reads one task's record.

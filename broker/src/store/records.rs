@@ -70,7 +70,13 @@ pub fn ready_task(task_id: TaskId, record: &TaskRecord) -> Result<ReadyTask, Sto
         task_id,
         message: format!("invalid queue name {:?}", record.queue),
     })?;
-    Ok(ReadyTask {
+    Ok(ready_task_in(queue, task_id, record))
+}
+
+/// Builds the in-memory form of a deliverable task from its record and its queue's name,
+/// already validated.
+pub fn ready_task_in(queue: QueueName, task_id: TaskId, record: &TaskRecord) -> ReadyTask {
+    ReadyTask {
         id: task_id,
         queue,
         priority: record.priority,
@@ -78,7 +84,7 @@ pub fn ready_task(task_id: TaskId, record: &TaskRecord) -> Result<ReadyTask, Sto
         attempts: record.attempts,
         created_at_us: record.created_at_us,
         task: Arc::new(wire_task(task_id, record)),
-    })
+    }
 }
 
 /// Builds a task's wire status from its record, with the live lease if it has one.

@@ -22,7 +22,7 @@ use super::{Store, status_of};
 use crate::dispatch::{Dispatcher, Effect, ReadyKey, SettledLease};
 use crate::error::{BrokerError, StoreError};
 use crate::settings::SettingsCache;
-use crate::task::{NewTask, QueueName, TaskId};
+use crate::task::{NewTask, QueueName, TaskId, TaskIdGenerator};
 
 /// Receives a request's outcome once it is durable.
 pub type Reply<T> = oneshot::Sender<Result<T, BrokerError>>;
@@ -247,6 +247,7 @@ pub fn spawn(
         next_sequence,
         max_batch: max_batch.max(1),
         rng: StdRng::from_os_rng(),
+        ids: TaskIdGenerator::new(StdRng::from_os_rng()),
     };
     let thread = std::thread::Builder::new()
         .name("docket-writer".into())
@@ -261,6 +262,7 @@ struct Writer {
     next_sequence: u64,
     max_batch: usize,
     rng: StdRng,
+    ids: TaskIdGenerator<StdRng>,
 }
 
 /// A request's outcome, before its reply is sent.
@@ -299,6 +301,7 @@ impl Writer {
             now_us: super::now_micros(),
             next_sequence: &mut self.next_sequence,
             rng: &mut self.rng,
+            ids: &mut self.ids,
             effects: Vec::new(),
             rollback: Vec::new(),
             changed: Vec::new(),
