@@ -209,7 +209,7 @@ impl Dispatcher {
 
     /// Applies committed changes in order, then delivers what subscribers can take.
     /// Dispatches even when `effects` is empty, since the caller may have freed credit.
-    pub fn apply(&self, effects: Vec<Effect>) {
+    pub fn apply(&self, effects: impl IntoIterator<Item = Effect>) {
         let mut state = self.lock();
         let mut timers_moved = false;
         for effect in effects {

@@ -43,7 +43,7 @@ fn dispatcher() -> Dispatcher {
 }
 
 fn make_ready(dispatcher: &Dispatcher, tasks: Vec<Arc<ReadyTask>>) {
-    dispatcher.apply(tasks.into_iter().map(Effect::Ready).collect());
+    dispatcher.apply(tasks.into_iter().map(Effect::Ready));
 }
 
 fn drain(receiver: &mut mpsc::Receiver<SubscribeResponse>) -> Vec<v1::Delivery> {

@@ -248,6 +248,7 @@ pub fn spawn(
         max_batch: max_batch.max(1),
         rng: StdRng::from_os_rng(),
         ids: TaskIdGenerator::new(StdRng::from_os_rng()),
+        buffers: Buffers::default(),
     };
     let thread = std::thread::Builder::new()
         .name("docket-writer".into())
@@ -263,6 +264,16 @@ struct Writer {
     max_batch: usize,
     rng: StdRng,
     ids: TaskIdGenerator<StdRng>,
+    buffers: Buffers,
+}
+
+/// Lists that each batch fills and empties, kept with their capacity between batches.
+/// Allocating them anew for a large batch cost the writer fresh memory pages each time.
+#[derive(Default)]
+struct Buffers {
+    effects: Vec<Effect>,
+    rollback: Vec<Effect>,
+    changed: Vec<TaskId>,
 }
 
 /// A request's outcome, before its reply is sent.
@@ -302,27 +313,43 @@ impl Writer {
             next_sequence: &mut self.next_sequence,
             rng: &mut self.rng,
             ids: &mut self.ids,
-            effects: Vec::new(),
-            rollback: Vec::new(),
-            changed: Vec::new(),
+            effects: std::mem::take(&mut self.buffers.effects),
+            rollback: std::mem::take(&mut self.buffers.rollback),
+            changed: std::mem::take(&mut self.buffers.changed),
         };
 
         let outcomes = match apply_batch(&store, &mut cx, batch) {
             Ok(outcomes) => outcomes,
             Err(err) => {
                 tracing::error!(error = %err, requests = batch.len(), "commit failed; the batch is rolled back");
-                let restore = std::mem::take(&mut cx.rollback);
+                let Context {
+                    mut effects,
+                    mut rollback,
+                    mut changed,
+                    ..
+                } = cx;
                 let message = err.to_string();
                 for op in batch.drain(..) {
                     fail_request(op, &message);
                 }
-                self.dispatcher.apply(restore);
+                self.dispatcher.apply(rollback.drain(..));
+                effects.clear();
+                changed.clear();
+                self.buffers = Buffers {
+                    effects,
+                    rollback,
+                    changed,
+                };
                 return;
             }
         };
 
-        let changed = std::mem::take(&mut cx.changed);
-        let effects = std::mem::take(&mut cx.effects);
+        let Context {
+            mut effects,
+            mut rollback,
+            mut changed,
+            ..
+        } = cx;
         for (op, outcome) in batch.iter().zip(&outcomes) {
             if let (WriteOp::UpdateSettings { queue, .. }, Ok(Done::Settings(record))) =
                 (op, outcome)
@@ -333,7 +360,14 @@ impl Writer {
         // Watchers get the committed statuses before the effects run, because dispatching
         // may deliver a task at once and publish its LEASED status.
         self.publish_to_watchers(&changed);
-        self.dispatcher.apply(effects);
+        self.dispatcher.apply(effects.drain(..));
+        rollback.clear();
+        changed.clear();
+        self.buffers = Buffers {
+            effects,
+            rollback,
+            changed,
+        };
 
         for (op, outcome) in batch.drain(..).zip(outcomes) {
             reply(op, outcome);
