@@ -9,8 +9,8 @@ use docket_broker::Config;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-// The broker allocates for every request, record and message it handles; mimalloc serves
-// those small, short-lived allocations faster than the system allocator.
+// The broker allocates for every request, record and message it handles, and mimalloc
+// serves those small, short-lived allocations faster than the system allocator.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -75,9 +75,9 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 /// Turns off transparent huge pages for this process, as Redis does. The storage writer
-/// allocates and frees page buffers on every commit; with huge pages the allocator's fresh
-/// memory came in 2 MiB at a time, each zeroed on its first touch, which cost the writer
-/// about 6% of its time and end-to-end throughput 10 to 15% in `docket-bench e2e`.
+/// allocates and frees page buffers on every commit. With huge pages, the allocator's fresh
+/// memory came in 2 MiB pages that the kernel zeroed on first touch, which took about 6%
+/// of the writer's time under `docket-bench e2e`.
 #[cfg(target_os = "linux")]
 fn disable_transparent_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes one flag of the

@@ -65,8 +65,8 @@ const COUNTER_BITS: u32 = 74;
 /// Makes strictly increasing UUIDv7 task ids from a seeded generator.
 ///
 /// Within one millisecond the ids count up from a random start below half of the counter
-/// space, which leaves at least 2^73 ids per millisecond; a new millisecond draws a new
-/// start. If the clock goes back, the ids keep counting from the last one.
+/// space, which leaves room for at least 2^73 ids. A new millisecond draws a new start. If
+/// the clock goes back, the ids keep counting from the last one.
 pub struct TaskIdGenerator<R> {
     rng: R,
     millis: u64,

@@ -38,9 +38,9 @@ pub(crate) const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), ()> =
 /// Store-wide values by name, such as the schema version.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// Version of the table layout. Version 2 added the secondary indexes in `index`; version
-/// 3 keeps only pending tasks in READY and finds the oldest pending task there instead of
-/// in a table of its own.
+/// Version of the table layout. Version 2 added the secondary indexes in `index`. Version
+/// 3 keeps only pending tasks in READY, which also gives the oldest pending task, so the
+/// pending-age table of version 2 is gone.
 const SCHEMA_VERSION: u64 = 3;
 
 /// The table of pending tasks by age that version 2 kept, deleted by the upgrade to 3.

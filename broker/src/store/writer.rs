@@ -276,6 +276,24 @@ struct Buffers {
     changed: Vec<TaskId>,
 }
 
+impl Buffers {
+    fn take_from(cx: Context<'_>) -> Self {
+        Buffers {
+            effects: cx.effects,
+            rollback: cx.rollback,
+            changed: cx.changed,
+        }
+    }
+
+    /// Empties the lists and keeps their capacity.
+    fn cleared(mut self) -> Self {
+        self.effects.clear();
+        self.rollback.clear();
+        self.changed.clear();
+        self
+    }
+}
+
 /// A request's outcome, before its reply is sent.
 enum Done {
     Enqueued(Vec<Enqueued>),
@@ -322,34 +340,18 @@ impl Writer {
             Ok(outcomes) => outcomes,
             Err(err) => {
                 tracing::error!(error = %err, requests = batch.len(), "commit failed; the batch is rolled back");
-                let Context {
-                    mut effects,
-                    mut rollback,
-                    mut changed,
-                    ..
-                } = cx;
+                let mut buffers = Buffers::take_from(cx);
                 let message = err.to_string();
                 for op in batch.drain(..) {
                     fail_request(op, &message);
                 }
-                self.dispatcher.apply(rollback.drain(..));
-                effects.clear();
-                changed.clear();
-                self.buffers = Buffers {
-                    effects,
-                    rollback,
-                    changed,
-                };
+                self.dispatcher.apply(buffers.rollback.drain(..));
+                self.buffers = buffers.cleared();
                 return;
             }
         };
 
-        let Context {
-            mut effects,
-            mut rollback,
-            mut changed,
-            ..
-        } = cx;
+        let mut buffers = Buffers::take_from(cx);
         for (op, outcome) in batch.iter().zip(&outcomes) {
             if let (WriteOp::UpdateSettings { queue, .. }, Ok(Done::Settings(record))) =
                 (op, outcome)
@@ -359,15 +361,9 @@ impl Writer {
         }
         // Watchers get the committed statuses before the effects run, because dispatching
         // may deliver a task at once and publish its LEASED status.
-        self.publish_to_watchers(&changed);
-        self.dispatcher.apply(effects.drain(..));
-        rollback.clear();
-        changed.clear();
-        self.buffers = Buffers {
-            effects,
-            rollback,
-            changed,
-        };
+        self.publish_to_watchers(&buffers.changed);
+        self.dispatcher.apply(buffers.effects.drain(..));
+        self.buffers = buffers.cleared();
 
         for (op, outcome) in batch.drain(..).zip(outcomes) {
             reply(op, outcome);
