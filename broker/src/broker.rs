@@ -264,13 +264,19 @@ impl Broker {
     ///
     /// `Store` if reading the age of a queue's oldest pending task failed.
     pub async fn list_queues(&self) -> Result<Vec<v1::QueueStats>, BrokerError> {
+        let with_settings = self.settings.queues();
         let mut names = self.dispatcher.queue_names();
-        names.extend(self.settings.queues());
+        names.extend(with_settings.iter().cloned());
         names.sort();
         names.dedup();
         let mut stats = Vec::with_capacity(names.len());
         for queue in &names {
-            stats.push(self.queue_stats(queue).await?);
+            let queue_stats = self.queue_stats(queue).await?;
+            // The dispatcher also knows queues that a subscription merely names; those
+            // have neither tasks nor settings and are not listed.
+            if has_tasks(&queue_stats) || with_settings.contains(queue) {
+                stats.push(queue_stats);
+            }
         }
         Ok(stats)
     }
@@ -493,4 +499,18 @@ pub fn queue_stats(
         oldest_pending_age: Some(oldest_pending_age.unwrap_or_default()),
         paused: paused || counts.paused,
     }
+}
+
+/// Returns whether a queue holds any task, in any state.
+fn has_tasks(stats: &v1::QueueStats) -> bool {
+    [
+        stats.pending,
+        stats.retry_wait,
+        stats.leased,
+        stats.dead,
+        stats.succeeded,
+        stats.cancelled,
+    ]
+    .iter()
+    .any(|&count| count > 0)
 }

@@ -104,6 +104,8 @@ async fn stats_count_every_state() -> Result<()> {
     enqueue(&mut client, tasks).await?;
     let mut subscription = Subscription::open(&mut client, &[QUEUE], 10, None).await?;
     let deliveries = subscription.next_deliveries(4).await?;
+    // A queue that only a subscription names has neither tasks nor settings.
+    let _idle = Subscription::open(&mut client, &["only-subscribed"], 10, None).await?;
 
     // Paused, the queue keeps the tasks enqueued below pending while the stream has
     // free slots.
@@ -179,7 +181,7 @@ async fn stats_count_every_state() -> Result<()> {
     assert_eq!(
         names,
         [QUEUE, OTHER_QUEUE],
-        "ListQueues names, sorted by name"
+        "ListQueues names, sorted by name, without the queue that only a subscription names"
     );
     let listed_admin = &listed[0];
     assert_eq!(
