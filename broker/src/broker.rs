@@ -272,7 +272,7 @@ impl Broker {
         let mut stats = Vec::with_capacity(names.len());
         for queue in &names {
             let queue_stats = self.queue_stats(queue).await?;
-            // The dispatcher also knows queues that a subscription merely names; those
+            // The dispatcher also tracks queues that a subscription merely names, which
             // have neither tasks nor settings and are not listed.
             if has_tasks(&queue_stats) || with_settings.contains(queue) {
                 stats.push(queue_stats);
@@ -501,7 +501,7 @@ pub fn queue_stats(
     }
 }
 
-/// Returns whether a queue holds any task, in any state.
+/// Returns whether a queue contains any task, in any state.
 fn has_tasks(stats: &v1::QueueStats) -> bool {
     [
         stats.pending,
