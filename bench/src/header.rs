@@ -68,8 +68,17 @@ fn kernel() -> String {
     command_output("uname", &["-r"]).unwrap_or_else(|| "unknown".to_string())
 }
 
+/// Returns the revision of the repository in the current folder or, failing that, of the
+/// one that contains this executable, such as `target/release` of a checkout.
 fn git_revision() -> String {
+    let beside_executable = std::env::current_exe()
+        .ok()
+        .and_then(|path| path.parent().map(|dir| dir.to_string_lossy().into_owned()));
     command_output("git", &["rev-parse", "--short", "HEAD"])
+        .or_else(|| {
+            let dir = beside_executable?;
+            command_output("git", &["-C", &dir, "rev-parse", "--short", "HEAD"])
+        })
         .unwrap_or_else(|| "unknown".to_string())
 }
 
