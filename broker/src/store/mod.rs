@@ -175,12 +175,16 @@ impl Store {
         }
         txn.open_table(META)?.insert("schema", SCHEMA_VERSION)?;
         txn.commit()?;
-        tracing::info!(
-            entries,
-            from = version,
-            to = SCHEMA_VERSION,
-            "data file upgraded"
-        );
+        if version == 0 && entries == 0 {
+            tracing::debug!(version = SCHEMA_VERSION, "new data file");
+        } else {
+            tracing::info!(
+                entries,
+                from = version,
+                to = SCHEMA_VERSION,
+                "data file upgraded"
+            );
+        }
         Ok(())
     }
 
