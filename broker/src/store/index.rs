@@ -73,7 +73,7 @@ pub(crate) fn read_ready(
             continue;
         };
         let record = super::decode_record(task_id, value.value())?;
-        // Every entry is pending; `check` reports an index that says otherwise.
+        // Every entry should be pending, and `check` reports an index where one is not.
         if record.state() == TaskRecordState::Pending {
             pending.push(Arc::new(super::records::ready_task(task_id, &record)?));
         }
