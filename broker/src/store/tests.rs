@@ -236,7 +236,7 @@ impl Running {
 }
 
 #[tokio::test]
-async fn purge_deletes_pending_and_retry_waiting_tasks_of_its_queue_only() {
+async fn purge_includes_retry_waiting_tasks() {
     let dir = tempfile::tempdir().expect("temp dir");
     let running = Running::open(dir.path());
     let purged_ids = running.enqueue("q", 3).await;
@@ -267,7 +267,7 @@ async fn purge_deletes_pending_and_retry_waiting_tasks_of_its_queue_only() {
 }
 
 #[tokio::test]
-async fn opening_a_version_2_file_moves_retry_waiting_tasks_out_of_the_ready_index() {
+async fn version_2_upgrade_cleans_ready_index() {
     use redb::{ReadableDatabase, ReadableTableMetadata};
 
     let dir = tempfile::tempdir().expect("temp dir");
