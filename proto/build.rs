@@ -4,7 +4,12 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["docket/v1/broker.proto", "docket/storage/v1/records.proto"];
+    let files = [
+        "docket/v1/broker.proto",
+        "docket/v1/scheduler.proto",
+        "docket/storage/v1/records.proto",
+        "docket/storage/v1/schedules.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -227,7 +227,17 @@ impl NewTask {
         task: docket_proto::v1::NewTask,
         limits: &Limits,
     ) -> Result<Self, BrokerError> {
-        let field = |name: &str| format!("tasks[{index}].{name}");
+        Self::validate_at(&format!("tasks[{index}]"), task, limits)
+    }
+
+    /// Validates a wire task found at the field path `path` of a request, such as `task`,
+    /// against `limits`. Error messages name fields below `path`.
+    pub fn validate_at(
+        path: &str,
+        task: docket_proto::v1::NewTask,
+        limits: &Limits,
+    ) -> Result<Self, BrokerError> {
+        let field = |name: &str| format!("{path}.{name}");
 
         let queue = QueueName::parse(&field("queue"), &task.queue)?;
         validate_kind(&field("kind"), &task.kind)?;

@@ -1,5 +1,5 @@
 //! Docket's wire contract, generated from `proto/docket/v1/*.proto`, and the internal
-//! records the broker stores.
+//! records that the broker and the scheduler store.
 //!
 //! Other languages generate their clients from the same `.proto` files.
 
@@ -11,10 +11,17 @@ pub mod v1 {
     tonic::include_proto!("docket.v1");
 }
 
-/// Records stored by the broker, package `docket.storage.v1`. Not part of the public API.
+/// Records stored by the broker and the scheduler, package `docket.storage.v1`. Not part
+/// of the public API.
 pub mod storage {
-    #![allow(missing_docs)]
-    tonic::include_proto!("docket.storage.v1");
+    pub use self::v1::*;
+
+    /// The generated code names the public package as `super::super::v1`, so it sits one
+    /// module deeper than its package name.
+    pub mod v1 {
+        #![allow(missing_docs)]
+        tonic::include_proto!("docket.storage.v1");
+    }
 }
 
 /// Encoded `FileDescriptorSet` of every `.proto` file, for gRPC server reflection.

@@ -1,0 +1,101 @@
+//! Watches the broker's health and reports the scheduler as NOT_SERVING while the broker
+//! cannot be reached.
+
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::server::HealthReporter;
+
+use crate::HEALTH_SERVICE_NAME;
+
+/// Service name under which the broker reports its health.
+const BROKER_SERVICE_NAME: &str = "docket.v1.Broker";
+
+/// First delay before the watch is opened again after it failed.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
+
+/// Longest delay before the watch is opened again.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// Watches the broker's health service on `channel` until `shutdown` is cancelled, and
+/// sets the scheduler's health to match: SERVING while the broker reports SERVING,
+/// NOT_SERVING otherwise.
+pub async fn watch_broker(
+    channel: Channel,
+    broker: String,
+    health: HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut reachable = None;
+    let mut delay = FIRST_RETRY_DELAY;
+    while !shutdown.is_cancelled() {
+        let mut client = HealthClient::new(channel.clone());
+        let request = HealthCheckRequest {
+            service: BROKER_SERVICE_NAME.to_string(),
+        };
+        let error = match client.watch(request).await {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                loop {
+                    let message = tokio::select! {
+                        message = stream.next() => message,
+                        () = shutdown.cancelled() => return,
+                    };
+                    match message {
+                        Some(Ok(message)) => {
+                            delay = FIRST_RETRY_DELAY;
+                            let serving = message.status() == WireStatus::Serving;
+                            let reason = format!("the broker reports {:?}", message.status());
+                            if shutdown.is_cancelled() {
+                                return;
+                            }
+                            report(&health, &mut reachable, serving, &broker, &reason).await;
+                        }
+                        Some(Err(status)) => break status.message().to_string(),
+                        None => break "the broker ended the health watch".to_string(),
+                    }
+                }
+            }
+            Err(status) => format!("{:?}: {}", status.code(), status.message()),
+        };
+        report(&health, &mut reachable, false, &broker, &error).await;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return,
+        }
+        delay = (delay * 2).min(MAX_RETRY_DELAY);
+    }
+}
+
+/// Sets the scheduler's health, and logs each change of the broker's reachability.
+async fn report(
+    health: &HealthReporter,
+    reachable: &mut Option<bool>,
+    serving: bool,
+    broker: &str,
+    reason: &str,
+) {
+    if *reachable == Some(serving) {
+        return;
+    }
+    *reachable = Some(serving);
+    let status = if serving {
+        tracing::info!(broker, "the broker is reachable; scheduler serving");
+        ServingStatus::Serving
+    } else {
+        tracing::warn!(
+            broker,
+            reason,
+            "the broker cannot be reached; scheduler not serving"
+        );
+        ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health.set_service_status(HEALTH_SERVICE_NAME, status).await;
+}

@@ -1,0 +1,367 @@
+//! The release loop: sleeps until the earliest due time, then claims the due schedules,
+//! enqueues their tasks into the broker, and records each firing.
+//!
+//! The claim is committed before the enqueue, and each task carries the idempotency key
+//! `schedule:<id>:<fire time>`. If the scheduler stops between enqueue and record, the
+//! next run finds the claim, enqueues the same keys again, and the broker returns the
+//! tasks it already holds instead of creating new ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use docket_proto::storage::FireOutcomeRecord;
+use docket_proto::v1::broker_client::BrokerClient;
+use docket_proto::v1::{EnqueueRequest, NewTask};
+use prost::Message;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+use crate::rule::{now_nanos, rfc3339};
+use crate::schedules::{self, Claimed, Schedules};
+
+/// Longest sleep of the release loop. It wakes at least this often even when nothing is
+/// due, so that a jump of the system clock delays no firing by more than this.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// Largest encoded size of one Enqueue request, well below the broker's message limit.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// First delay before an enqueue is retried after the broker could not be reached.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// Header that names the schedule a released task came from.
+pub const SCHEDULE_ID_HEADER: &str = "docket-schedule-id";
+
+/// Header that holds the name of the recurring schedule a released task came from.
+pub const SCHEDULE_NAME_HEADER: &str = "docket-schedule-name";
+
+/// Header that holds the fire time a released task is for, in RFC 3339.
+pub const FIRE_TIME_HEADER: &str = "docket-fire-time";
+
+/// Settings of the release loop.
+#[derive(Debug, Clone)]
+pub struct ReleaseConfig {
+    /// Fire times later than this, in nanoseconds, are missed runs.
+    pub misfire_threshold: i64,
+    /// Most schedules claimed at once, and most tasks in one Enqueue request.
+    pub batch: usize,
+    /// Longest delay between two attempts to reach the broker.
+    pub max_retry_delay: Duration,
+    /// Time limit of one Enqueue call.
+    pub enqueue_timeout: Duration,
+    /// Test hook: time to wait between a successful enqueue and its record.
+    pub pause_after_enqueue: Option<Duration>,
+}
+
+/// Runs the release loop until `shutdown` is cancelled. A release in progress finishes
+/// first, unless the broker cannot be reached; its claim then stays stored and the next
+/// run releases it.
+pub async fn run(
+    schedules: Arc<Schedules>,
+    broker: BrokerClient<Channel>,
+    config: ReleaseConfig,
+    shutdown: CancellationToken,
+) {
+    let releaser = Releaser {
+        schedules,
+        broker,
+        config,
+        shutdown,
+    };
+    releaser.run().await;
+}
+
+struct Releaser {
+    schedules: Arc<Schedules>,
+    broker: BrokerClient<Channel>,
+    config: ReleaseConfig,
+    shutdown: CancellationToken,
+}
+
+impl Releaser {
+    async fn run(&self) {
+        while !self.shutdown.is_cancelled() {
+            if let Err(err) = self.step().await {
+                tracing::error!(error = %err, "release loop failed; retrying in 1s");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = self.shutdown.cancelled() => {}
+                }
+            }
+        }
+    }
+
+    /// Releases the schedules due now, or sleeps until the next one is due.
+    async fn step(&self) -> Result<(), crate::error::SchedulerError> {
+        let now = now_nanos();
+        let store = &self.schedules.store;
+        let due = store.due(now, self.config.batch)?;
+        if due.is_empty() {
+            self.purge_expired(now).await?;
+            let sleep = match store.earliest_due()? {
+                Some(time) => Duration::from_nanos(time.saturating_sub(now).max(0) as u64),
+                None => MAX_SLEEP,
+            };
+            tokio::select! {
+                () = tokio::time::sleep(sleep.min(MAX_SLEEP)) => {}
+                () = self.schedules.wake.notified() => {}
+                () = self.shutdown.cancelled() => {}
+            }
+            return Ok(());
+        }
+
+        let threshold = self.config.misfire_threshold;
+        let claimed = self
+            .schedules
+            .writer
+            .run(move |tables| schedules::claim(tables, &due, now, threshold))
+            .await?;
+        let Some(outcomes) = self.enqueue(&claimed).await else {
+            tracing::info!(
+                schedules = claimed.len(),
+                "shutdown while the broker was unreachable; the release resumes at the next start"
+            );
+            return Ok(());
+        };
+        if let Some(pause) = self.config.pause_after_enqueue {
+            for schedule in &claimed {
+                tracing::warn!(
+                    schedule_id = %Uuid::from_u128(schedule.id),
+                    pause_ms = pause.as_millis() as u64,
+                    "test hook: paused between enqueue and record"
+                );
+            }
+            tokio::time::sleep(pause).await;
+        }
+        let retention = self.schedules.retention;
+        let recorded = claimed.clone();
+        self.schedules
+            .writer
+            .run(move |tables| {
+                for (schedule, outcomes) in recorded.iter().zip(&outcomes) {
+                    schedules::record(tables, schedule, outcomes, retention)?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes one-shot schedules whose retention has passed, a bounded number at a time.
+    async fn purge_expired(&self, now: i64) -> Result<(), crate::error::SchedulerError> {
+        let purged = self
+            .schedules
+            .writer
+            .run(move |tables| tables.purge_expired(now, 1000))
+            .await?;
+        if purged > 0 {
+            tracing::debug!(purged, "deleted expired one-shot schedules");
+        }
+        Ok(())
+    }
+
+    /// Enqueues a task for every fire time of `claimed`, in as few requests as fit, and
+    /// returns the outcomes per schedule. Returns `None` if shutdown began while the
+    /// broker could not be reached.
+    async fn enqueue(&self, claimed: &[Claimed]) -> Option<Vec<Vec<FireOutcomeRecord>>> {
+        let mut outcomes = vec![Vec::new(); claimed.len()];
+        let mut firings = Vec::new();
+        for (index, schedule) in claimed.iter().enumerate() {
+            for &fire in &schedule.release.fire_nanos {
+                firings.push(Firing {
+                    index,
+                    fire,
+                    task: released_task(schedule, fire),
+                });
+            }
+        }
+        let mut start = 0;
+        while start < firings.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < firings.len() && end - start < self.config.batch {
+                let size = firings[end].task.encoded_len();
+                if end > start && bytes + size > MAX_REQUEST_BYTES {
+                    break;
+                }
+                bytes += size;
+                end += 1;
+            }
+            let chunk = &firings[start..end];
+            let results = self.enqueue_chunk(chunk).await?;
+            let release_nanos = now_nanos();
+            for (firing, result) in chunk.iter().zip(results) {
+                let schedule = &claimed[firing.index];
+                let (task_id, error) = match result {
+                    Ok(task_id) => {
+                        tracing::info!(
+                            schedule_id = %Uuid::from_u128(schedule.id),
+                            name = %schedule.name,
+                            fire_time = %rfc3339(firing.fire),
+                            task_id = %task_id,
+                            "released"
+                        );
+                        (task_id, String::new())
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            schedule_id = %Uuid::from_u128(schedule.id),
+                            name = %schedule.name,
+                            fire_time = %rfc3339(firing.fire),
+                            error = %error,
+                            "the broker rejected the task of a firing"
+                        );
+                        (String::new(), error)
+                    }
+                };
+                outcomes[firing.index].push(FireOutcomeRecord {
+                    fire_nanos: firing.fire,
+                    release_nanos,
+                    task_id,
+                    error,
+                });
+            }
+            start = end;
+        }
+        Some(outcomes)
+    }
+
+    /// Enqueues one request's worth of firings, retrying while the broker cannot be
+    /// reached. A request the broker rejects is split, so that each rejection is told
+    /// apart. Returns each firing's task id or the broker's error, or `None` on shutdown.
+    async fn enqueue_chunk(&self, chunk: &[Firing]) -> Option<Vec<Result<String, String>>> {
+        let tasks: Vec<NewTask> = chunk.iter().map(|firing| firing.task.clone()).collect();
+        match self.enqueue_with_retry(tasks).await? {
+            Ok(ids) if ids.len() == chunk.len() => Some(ids.into_iter().map(Ok).collect()),
+            Ok(ids) => {
+                let error = format!(
+                    "the broker returned {} task ids for {} tasks",
+                    ids.len(),
+                    chunk.len()
+                );
+                Some(vec![Err(error); chunk.len()])
+            }
+            Err(status) if chunk.len() == 1 => Some(vec![Err(describe(&status))]),
+            Err(_) => {
+                let mut results = Vec::with_capacity(chunk.len());
+                for firing in chunk {
+                    match self.enqueue_with_retry(vec![firing.task.clone()]).await? {
+                        Ok(mut ids) if ids.len() == 1 => results.push(Ok(ids.remove(0))),
+                        Ok(ids) => results.push(Err(format!(
+                            "the broker returned {} task ids for 1 task",
+                            ids.len()
+                        ))),
+                        Err(status) => results.push(Err(describe(&status))),
+                    }
+                }
+                Some(results)
+            }
+        }
+    }
+
+    /// Calls Enqueue until the broker answers with something other than a transient
+    /// failure. Returns `None` if shutdown begins first.
+    async fn enqueue_with_retry(&self, tasks: Vec<NewTask>) -> Option<Result<Vec<String>, Status>> {
+        let mut delay = FIRST_RETRY_DELAY;
+        let mut failures = 0u32;
+        loop {
+            let mut broker = self.broker.clone();
+            let request = EnqueueRequest {
+                tasks: tasks.clone(),
+            };
+            let result = tokio::select! {
+                result = tokio::time::timeout(self.config.enqueue_timeout, broker.enqueue(request)) => result,
+                () = self.shutdown.cancelled() => return None,
+            };
+            let status = match result {
+                Ok(Ok(response)) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            tasks = tasks.len(),
+                            failures,
+                            "the broker is reachable again; the waiting firings were released"
+                        );
+                    }
+                    return Some(Ok(response.into_inner().task_ids));
+                }
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded(format!(
+                    "Enqueue took longer than {:?}",
+                    self.config.enqueue_timeout
+                )),
+            };
+            if !is_transient(&status) {
+                return Some(Err(status));
+            }
+            failures += 1;
+            let jittered = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
+            tracing::warn!(
+                tasks = tasks.len(),
+                first_schedule = tasks
+                    .first()
+                    .and_then(|task| task.headers.get(SCHEDULE_ID_HEADER))
+                    .map(String::as_str)
+                    .unwrap_or_default(),
+                attempt = failures,
+                retry_in_ms = jittered.as_millis() as u64,
+                error = %describe(&status),
+                "cannot reach the broker; the firings wait and are retried"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(jittered) => {}
+                () = self.shutdown.cancelled() => return None,
+            }
+            delay = (delay * 2).min(self.config.max_retry_delay);
+        }
+    }
+}
+
+/// One task to release: the fire time of a claimed schedule.
+struct Firing {
+    /// Index of the schedule in the claimed list.
+    index: usize,
+    fire: i64,
+    task: NewTask,
+}
+
+/// Builds the task that `schedule` releases for `fire`: its template with the firing's
+/// idempotency key and headers.
+fn released_task(schedule: &Claimed, fire: i64) -> NewTask {
+    let mut task = schedule.task.clone();
+    task.idempotency_key = format!("schedule:{}:{fire}", Uuid::from_u128(schedule.id));
+    let mut headers = HashMap::with_capacity(task.headers.len() + 3);
+    headers.extend(task.headers.drain());
+    headers.insert(
+        SCHEDULE_ID_HEADER.to_string(),
+        Uuid::from_u128(schedule.id).to_string(),
+    );
+    headers.insert(FIRE_TIME_HEADER.to_string(), rfc3339(fire));
+    if !schedule.name.is_empty() {
+        headers.insert(SCHEDULE_NAME_HEADER.to_string(), schedule.name.clone());
+    }
+    task.headers = headers;
+    task
+}
+
+/// Whether a failed Enqueue may succeed if it is repeated unchanged: the broker was
+/// unreachable, starting, stopping or overloaded, rather than rejecting the tasks.
+fn is_transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Internal
+            | Code::Aborted
+            | Code::Cancelled
+            | Code::Unauthenticated
+    )
+}
+
+fn describe(status: &Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
