@@ -72,9 +72,9 @@ pub enum ServeError {
 
 /// Runs a broker with `config` until `shutdown` is cancelled.
 ///
-/// Recovers the store, binds the listen address, serves gRPC with health checking, and on
-/// shutdown ends every Subscribe stream with `UNAVAILABLE` and waits up to the
-/// configured grace period for pending commits.
+/// Recovers the store, binds the listen address, serves gRPC with health checking and
+/// server reflection, and on shutdown ends every Subscribe stream with `UNAVAILABLE` and
+/// waits up to the configured grace period for pending commits.
 ///
 /// # Errors
 ///
@@ -190,6 +190,14 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         }
     });
 
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(docket_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the compiled descriptor set is valid");
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(docket_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the compiled descriptor set is valid");
     let service = BrokerServer::new(grpc::BrokerService::new(Arc::clone(&broker)))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -201,6 +209,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await;
