@@ -1,8 +1,9 @@
-//! The broker client for producers and workers.
+//! The client of the broker and the scheduler, for producers and workers.
 
 use std::time::Duration;
 
 use docket_proto::v1::broker_client::BrokerClient;
+use docket_proto::v1::scheduler_client::SchedulerClient;
 use docket_proto::v1::{
     AckRequest, Acknowledgement, EnqueueRequest, GetTaskRequest, NackRequest,
     NegativeAcknowledgement, NewTask, SettleResult, SubscribeRequest, SubscribeResponse, TaskState,
@@ -13,16 +14,21 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::Error;
 
-/// Time allowed to establish a TCP connection to the broker.
+/// Time allowed to establish a TCP connection to the broker or the scheduler.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A client of the Docket broker.
+/// A client of the Docket broker and, optionally, of the scheduler.
 ///
-/// Cloning is cheap: clones share one HTTP/2 connection, which is re-established on the
-/// next call if it drops.
+/// The broker stores tasks that are ready now. Tasks meant for a later time go through
+/// the scheduler, a separate service on its own address, which
+/// [`Client::with_scheduler`] sets.
+///
+/// Cloning is cheap: clones share one HTTP/2 connection per service, which is
+/// re-established on the next call if it drops.
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: BrokerClient<Channel>,
+    scheduler: Option<SchedulerClient<Channel>>,
 }
 
 impl Client {
@@ -61,12 +67,53 @@ impl Client {
     pub fn from_channel(channel: Channel) -> Self {
         Client {
             inner: BrokerClient::new(channel),
+            scheduler: None,
         }
+    }
+
+    /// Sets the address of the scheduler, such as `http://127.0.0.1:7071`, which
+    /// [`Client::enqueue_at`], [`Client::enqueue_in`] and [`Client::cancel_scheduled`]
+    /// call. The connection is made on the first such call, as with
+    /// [`Client::connect_lazy`], so the scheduler need not be running yet.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), docket::Error> {
+    /// let client = docket::Client::connect("http://127.0.0.1:7070")
+    ///     .await?
+    ///     .with_scheduler("http://127.0.0.1:7071")?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::InvalidEndpoint`] if `endpoint` is not a valid URI.
+    pub fn with_scheduler(self, endpoint: impl Into<String>) -> Result<Self, Error> {
+        let endpoint = endpoint.into();
+        let channel = parse_endpoint(&endpoint)?.connect_lazy();
+        Ok(self.with_scheduler_channel(channel))
+    }
+
+    /// Sets the scheduler connection to a channel configured by the caller, for example
+    /// with TLS or custom timeouts.
+    pub fn with_scheduler_channel(mut self, channel: Channel) -> Self {
+        self.scheduler = Some(SchedulerClient::new(channel));
+        self
     }
 
     /// Returns the generated gRPC client, for calls that this type does not wrap.
     pub fn grpc(&self) -> BrokerClient<Channel> {
         self.inner.clone()
+    }
+
+    /// Returns the generated gRPC client of the scheduler, for calls that this type does
+    /// not wrap, such as recurring schedules.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::SchedulerNotConfigured`] if the client has no scheduler address.
+    pub fn scheduler_grpc(&self) -> Result<SchedulerClient<Channel>, Error> {
+        self.scheduler.clone().ok_or(Error::SchedulerNotConfigured)
     }
 
     /// Adds one task and returns its id, a UUIDv7 string.
@@ -217,8 +264,8 @@ fn item_result(result: SettleResult) -> Result<TaskState, Error> {
     Ok(result.state())
 }
 
-/// Parses a broker endpoint. A bare `host:port`, the form the broker's `--listen` takes,
-/// means plain-text HTTP/2 at that address.
+/// Parses the endpoint of the broker or the scheduler. A bare `host:port`, the form the
+/// broker's `--listen` takes, means plain-text HTTP/2 at that address.
 fn parse_endpoint(endpoint: &str) -> Result<Endpoint, Error> {
     let url = if endpoint.contains("://") {
         endpoint.to_owned()

@@ -1,11 +1,15 @@
 //! The error type of the client and the worker.
 
-/// An error from talking to the broker or from configuring a worker.
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// An error from talking to the broker or the scheduler, or from configuring a client or
+/// a worker.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The endpoint is not a valid URI, such as `http://127.0.0.1:7070`.
-    #[error("invalid broker endpoint {endpoint:?}")]
+    /// The endpoint of the broker or the scheduler is not a valid URI, such as
+    /// `http://127.0.0.1:7070`.
+    #[error("invalid endpoint {endpoint:?}: expected a URI such as http://127.0.0.1:7070")]
     InvalidEndpoint {
         /// The endpoint as given.
         endpoint: String,
@@ -24,18 +28,52 @@ pub enum Error {
         source: tonic::transport::Error,
     },
 
-    /// The broker, or the transport under it, returned a gRPC status other than OK.
+    /// The broker or the scheduler, or the transport under them, returned a gRPC status
+    /// other than OK.
     ///
     /// Its `Display` output is the status code and message. The status is boxed to keep
     /// `Result<T, Error>` small, and [`Error::status`] and [`Error::code`] return it
     /// without matching.
-    #[error("broker call failed ({:?}): {}", .0.code(), .0.message())]
+    #[error("gRPC call failed ({:?}): {}", .0.code(), .0.message())]
     Status(Box<tonic::Status>),
 
-    /// The broker returned a response that breaks the wire contract, such as a missing
-    /// required field.
-    #[error("invalid response from the broker: {0}")]
+    /// The broker or the scheduler returned a response that breaks the wire contract,
+    /// such as a missing required field. The message names the call.
+    #[error("invalid response: {0}")]
     InvalidResponse(String),
+
+    /// A call needs the scheduler, but the client was created without its address.
+    ///
+    /// Delayed tasks and schedules go through the scheduler service, which listens on its
+    /// own address. [`Client::with_scheduler`](crate::Client::with_scheduler) sets it.
+    #[error(
+        "no scheduler configured: call Client::with_scheduler with the scheduler's \
+         address, such as http://127.0.0.1:7071, before scheduling tasks"
+    )]
+    SchedulerNotConfigured,
+
+    /// A due time that a protobuf `Timestamp` cannot carry to the scheduler: before the
+    /// Unix epoch or after 9999-12-31T23:59:59.999999999Z.
+    #[error(
+        "invalid due time {}: expected a time from 1970-01-01T00:00:00Z to \
+         9999-12-31T23:59:59.999999999Z",
+        describe_system_time(.due_time)
+    )]
+    InvalidDueTime {
+        /// The due time as given.
+        due_time: SystemTime,
+    },
+
+    /// A delay that a protobuf `Duration` cannot carry to the scheduler: longer than
+    /// 315,576,000,000 seconds (about 10,000 years).
+    ///
+    /// The scheduler itself accepts delays of at most 100 years and rejects longer ones
+    /// with [`tonic::Code::InvalidArgument`].
+    #[error("invalid delay {delay:?}: expected at most 315576000000s (about 10,000 years)")]
+    InvalidDelay {
+        /// The delay as given.
+        delay: Duration,
+    },
 
     /// A worker was built with an invalid setting, such as no queues.
     #[error("invalid worker configuration: {0}")]
@@ -60,8 +98,55 @@ impl Error {
     }
 }
 
+/// Describes `time` as an offset from the Unix epoch, such as `12.5s before the Unix
+/// epoch`. Unlike an RFC 3339 date, which ends at year 9999, the offset can express every
+/// `SystemTime`.
+fn describe_system_time(time: &SystemTime) -> String {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => format!("{after:?} after the Unix epoch"),
+        Err(error) => format!("{:?} before the Unix epoch", error.duration()),
+    }
+}
+
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
         Error::Status(Box::new(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_time_before_epoch_names_offset() {
+        let due_time = UNIX_EPOCH - Duration::from_millis(12_500);
+
+        let message = Error::InvalidDueTime { due_time }.to_string();
+
+        assert!(
+            message.starts_with("invalid due time 12.5s before the Unix epoch:"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn due_time_after_epoch_names_offset() {
+        let due_time = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+
+        let message = Error::InvalidDueTime { due_time }.to_string();
+
+        assert!(
+            message.starts_with("invalid due time 253402300800s after the Unix epoch:"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn missing_scheduler_names_the_fix() {
+        let message = Error::SchedulerNotConfigured.to_string();
+
+        assert!(message.contains("Client::with_scheduler"), "{message}");
+        assert!(message.contains("http://127.0.0.1:7071"), "{message}");
     }
 }

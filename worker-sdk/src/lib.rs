@@ -5,6 +5,12 @@
 //! once. It acks the task when the handler returns `Ok` and nacks it when the handler
 //! returns `Err` or panics.
 //!
+//! Tasks meant for a later time go through Docket's scheduler, a separate service with its
+//! own address, because the broker only stores tasks that are ready now. A client created
+//! with [`Client::with_scheduler`] can call [`Client::enqueue_in`] and
+//! [`Client::enqueue_at`]: the scheduler keeps the task and enqueues it into the broker
+//! when it is due, and [`Client::cancel_scheduled`] withdraws it before then.
+//!
 //! Delivery is at least once: a task whose lease expires, or whose stream breaks, is
 //! offered again. Handlers should therefore be idempotent, for example by keying their
 //! side effects on [`TaskContext::id`].
@@ -46,6 +52,7 @@ mod client;
 mod context;
 mod error;
 mod handler;
+mod schedule;
 mod task;
 mod worker;
 
@@ -53,6 +60,7 @@ pub use crate::client::Client;
 pub use crate::context::TaskContext;
 pub use crate::error::Error;
 pub use crate::handler::{HandlerError, HandlerResult};
+pub use crate::schedule::ScheduledTask;
 pub use crate::task::Task;
 pub use crate::worker::{Worker, WorkerBuilder};
 

@@ -782,7 +782,7 @@ async fn client_errors_keep_status_code() {
     );
     assert_eq!(
         get_error.to_string(),
-        "broker call failed (NotFound): the fake broker stores no tasks"
+        "gRPC call failed (NotFound): the fake broker stores no tasks"
     );
 }
 
