@@ -153,6 +153,9 @@ impl Releaser {
 
     /// Deletes one-shot schedules whose retention has passed, a bounded number at a time.
     async fn purge_expired(&self, now: i64) -> Result<(), crate::error::SchedulerError> {
+        if !self.schedules.store.any_expired(now)? {
+            return Ok(());
+        }
         let purged = self
             .schedules
             .writer

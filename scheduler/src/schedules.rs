@@ -548,27 +548,35 @@ pub struct Claimed {
     pub release: Release,
 }
 
-/// Claims the schedules `ids` that are due at `now`: plans each one's release under its
-/// missed-run policy and stores the plan. A schedule that already holds a plan, from a
-/// run that stopped before recording it, keeps that plan.
+/// Claims the schedules of the due-index entries `due` that are due at `now`: plans each
+/// one's release under its missed-run policy and stores the plan. A schedule that already
+/// holds a plan of its current revision, from a run that stopped before recording it,
+/// keeps that plan.
 pub fn claim(
     tables: &mut Tables<'_>,
-    ids: &[Id],
+    due: &[(i64, Id)],
     now: i64,
     threshold: i64,
 ) -> Result<Vec<Claimed>, SchedulerError> {
-    let mut claimed = Vec::with_capacity(ids.len());
-    for &id in ids {
-        let Some(previous) = tables.get(id)? else {
+    let mut claimed = Vec::with_capacity(due.len());
+    for &(time, id) in due {
+        let previous = tables.get(id)?;
+        let Some(previous) = previous.filter(|record| {
+            record.state() == ScheduleState::Active && record.next_fire_nanos == Some(time)
+        }) else {
+            // The index holds exactly the active schedules by next fire time, so this
+            // entry is stale. Left in place, it would be found due on every pass.
+            tracing::warn!(
+                schedule_id = %Uuid::from_u128(id),
+                "removing a due-index entry that matches no active schedule"
+            );
+            tables.remove_due(time, id)?;
             continue;
         };
-        let due = match (previous.state(), previous.next_fire_nanos) {
-            (ScheduleState::Active, Some(due)) if due <= now => due,
-            _ => continue,
-        };
+        let due = time;
         let release = match &previous.release {
-            Some(release) => release.clone(),
-            None => {
+            Some(release) if release.revision == previous.revision => release.clone(),
+            _ => {
                 let release = match previous.kind() {
                     ScheduleKind::Recurring => {
                         let recurrence = stored_recurrence(&previous)?;

@@ -90,16 +90,23 @@ impl Store {
         Ok(table.get(name)?.map(|value| value.value()))
     }
 
-    /// Returns up to `limit` ids of active schedules whose next fire time is at or before
-    /// `now`, earliest first.
-    pub fn due(&self, now: i64, limit: usize) -> Result<Vec<Id>, SchedulerError> {
+    /// Returns up to `limit` entries of the due index, (next fire time, id), whose time is
+    /// at or before `now`, earliest first.
+    pub fn due(&self, now: i64, limit: usize) -> Result<Vec<(i64, Id)>, SchedulerError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(DUE)?;
-        let mut ids = Vec::new();
+        let mut due = Vec::new();
         for entry in table.range(..=(now, u128::MAX))?.take(limit) {
-            ids.push(entry?.0.value().1);
+            due.push(entry?.0.value());
         }
-        Ok(ids)
+        Ok(due)
+    }
+
+    /// Returns whether a one-shot schedule's retention ended at or before `now`.
+    pub fn any_expired(&self, now: i64) -> Result<bool, SchedulerError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EXPIRY)?;
+        Ok(table.first()?.is_some_and(|(key, _)| key.value().0 <= now))
     }
 
     /// Returns the earliest next fire time of any active schedule.
@@ -246,6 +253,12 @@ impl<'txn> Tables<'txn> {
         if let Some(expire) = record.expire_nanos {
             self.expiry.insert((expire, id), ())?;
         }
+        Ok(())
+    }
+
+    /// Removes the due-index entry of `id` at `time`.
+    pub fn remove_due(&mut self, time: i64, id: Id) -> Result<(), SchedulerError> {
+        self.due.remove((time, id))?;
         Ok(())
     }
 
