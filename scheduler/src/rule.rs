@@ -171,8 +171,8 @@ fn parse_interval(
         None => Err(SchedulerError::invalid(
             field,
             format!(
-                "interval of {}s and {}ns is out of range: use 1 second to 366 days",
-                every.seconds, every.nanos
+                "interval of {} is out of range: use 1 second to 366 days",
+                describe_duration(every)
             ),
         )),
     }
@@ -185,17 +185,31 @@ fn parse_missed_runs(field: &str, wire: &v1::Recurrence) -> Result<MissedRuns, S
             format!("unknown missed-run policy {}", wire.missed_runs),
         )
     })?;
+    if wire.max_missed_runs > MAX_MISSED_RUNS_LIMIT {
+        return Err(SchedulerError::invalid(
+            format!("{field}.max_missed_runs"),
+            format!(
+                "max_missed_runs {} exceeds the limit of {MAX_MISSED_RUNS_LIMIT}",
+                wire.max_missed_runs
+            ),
+        ));
+    }
     match policy {
         v1::MissedRunPolicy::Unspecified | v1::MissedRunPolicy::Skip => Ok(MissedRuns::Skip),
         v1::MissedRunPolicy::RunOnce => Ok(MissedRuns::RunOnce),
         v1::MissedRunPolicy::RunAll => match wire.max_missed_runs {
             0 => Ok(MissedRuns::RunAll(DEFAULT_MAX_MISSED_RUNS)),
-            n if n <= MAX_MISSED_RUNS_LIMIT => Ok(MissedRuns::RunAll(n)),
-            n => Err(SchedulerError::invalid(
-                format!("{field}.max_missed_runs"),
-                format!("max_missed_runs {n} exceeds the limit of {MAX_MISSED_RUNS_LIMIT}"),
-            )),
+            n => Ok(MissedRuns::RunAll(n)),
         },
+    }
+}
+
+/// Formats a protobuf duration for a message, such as `500ms`, or as seconds and
+/// nanoseconds when it is negative or malformed.
+pub fn describe_duration(duration: &prost_types::Duration) -> String {
+    match Duration::try_from(*duration) {
+        Ok(duration) => humantime::format_duration(duration).to_string(),
+        Err(_) => format!("{}s and {}ns", duration.seconds, duration.nanos),
     }
 }
 

@@ -74,9 +74,8 @@ impl Schedules {
                     SchedulerError::invalid(
                         "delay",
                         format!(
-                            "delay of {}s and {}ns is out of range: use 0 to {} days",
-                            delay.seconds,
-                            delay.nanos,
+                            "delay of {} is out of range: use 0 to {} days",
+                            rule::describe_duration(&delay),
                             MAX_DELAY.as_secs() / 86_400
                         ),
                     )

@@ -1,16 +1,17 @@
-//! End-to-end test harness: runs the real `docket-broker` binary on loopback and talks to
-//! it over gRPC.
+//! End-to-end test harness: runs the real `docket-broker` and `docket-scheduler` binaries
+//! on loopback and talks to them over gRPC.
 //!
 //! The harness finds binaries in the Cargo target directory of the test executable and
 //! never builds them: run `cargo build --workspace --bins --examples` before the tests.
 //! It stops processes with Unix signals, so it runs on Unix only.
 
+mod process;
+mod schedule;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -22,13 +23,17 @@ use docket_proto::v1::{
     GetQueueStatsRequest, GetTaskRequest, NackRequest, NewTask, QueueStats, SubscribeRequest,
     TaskState, TaskStatus,
 };
-use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tonic::Streaming;
-use tonic::transport::{Channel, Endpoint};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
+use tonic::transport::Channel;
+
+pub use process::{BrokerProcess, SCHEDULER_SERVICE, SchedulerProcess};
+pub use schedule::{
+    FIRE_TIME_HEADER, SCHEDULE_ID_HEADER, SCHEDULE_NAME_HEADER, SchedulerSetup, cron_recurrence,
+    delivered_fire_time, format_utc, get_schedule, get_schedule_by_name, interval_recurrence,
+    preview, schedule_idempotency_key, unix_nanos, utc, wait_for_schedule,
+};
+pub use tonic_health::pb::health_check_response::ServingStatus;
 
 pub use docket_proto::v1;
 
@@ -40,12 +45,6 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// How long a test watches for something that must not happen, such as a delivery past
 /// `max_in_flight`.
 pub const QUIET: Duration = Duration::from_millis(500);
-
-/// Health-checked service name that the broker reports as SERVING once it is ready.
-const BROKER_SERVICE: &str = "docket.v1.Broker";
-
-/// Number of stderr lines a failing test prints from each broker it started.
-const STDERR_TAIL_LINES: usize = 200;
 
 /// Creates a temporary directory that is deleted when the returned value is dropped.
 pub fn temp_dir() -> TempDir {
@@ -82,6 +81,18 @@ pub fn broker_binary() -> PathBuf {
     assert!(
         path.is_file(),
         "broker binary {} not found: run `cargo build --workspace --bins --examples` first",
+        path.display()
+    );
+    path
+}
+
+/// Returns the path of the `docket-scheduler` binary, panicking with the build command if
+/// it is missing.
+pub fn scheduler_binary() -> PathBuf {
+    let path = profile_dir().join(format!("docket-scheduler{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "scheduler binary {} not found: run `cargo build --workspace --bins --examples` first",
         path.display()
     );
     path
@@ -160,294 +171,6 @@ fn spawn_pipe_reader(mut pipe: impl Read + Send + 'static) -> std::thread::JoinH
         let _ = pipe.read_to_end(&mut contents);
         contents
     })
-}
-
-/// A `docket-broker` child process listening on a loopback port.
-///
-/// Dropping it kills the process. If the current thread is panicking, which is how a test
-/// fails, dropping it also prints the end of the broker's stderr so that the failure
-/// message shows what the broker logged.
-pub struct BrokerProcess {
-    child: Child,
-    addr: SocketAddr,
-    data_dir: PathBuf,
-    stderr_lines: Arc<Mutex<Vec<String>>>,
-    exited: Option<ExitStatus>,
-}
-
-impl BrokerProcess {
-    /// Starts the broker on `127.0.0.1:0` with its store in `data_dir`, waits until it
-    /// logs its address and reports SERVING on the health service, and returns it.
-    ///
-    /// `extra_args` are appended to the command line, for example
-    /// `["--heartbeat-interval", "200ms"]`. Inherited `DOCKET_*` variables are removed so
-    /// that only the arguments configure the broker, and it logs at its default level.
-    pub async fn start(data_dir: &Path, extra_args: &[&str]) -> Result<Self> {
-        let binary = broker_binary();
-        let mut command = Command::new(&binary);
-        command
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra_args)
-            .args(default_retry_args(extra_args))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("DOCKET_") {
-                command.env_remove(name);
-            }
-        }
-
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("failed to start {}", binary.display()))?;
-        let stderr = child.stderr.take().expect("stderr is piped");
-
-        // A thread drains stderr for the whole life of the process, so that the pipe never
-        // fills and blocks the broker, and keeps every line for failure messages.
-        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
-        let (line_sender, mut line_receiver) = mpsc::unbounded_channel();
-        let thread_lines = Arc::clone(&stderr_lines);
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stderr);
-            let mut buffer = Vec::new();
-            loop {
-                buffer.clear();
-                match reader.read_until(b'\n', &mut buffer) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let line = String::from_utf8_lossy(&buffer).trim_end().to_string();
-                        thread_lines.lock().unwrap().push(line.clone());
-                        // The receiver is dropped once the address is known.
-                        let _ = line_sender.send(line);
-                    }
-                }
-            }
-        });
-
-        let mut broker = BrokerProcess {
-            child,
-            // Replaced as soon as the broker logs its address.
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            data_dir: data_dir.to_path_buf(),
-            stderr_lines,
-            exited: None,
-        };
-
-        let found = timeout(WAIT, async {
-            while let Some(line) = line_receiver.recv().await {
-                if let Some(addr) = listening_addr(&line) {
-                    return Some(addr);
-                }
-            }
-            None
-        })
-        .await;
-        broker.addr = match found {
-            Ok(Some(addr)) => addr,
-            Ok(None) => {
-                let status = broker.child.wait().ok();
-                broker.exited = status;
-                bail!(
-                    "broker exited ({status:?}) before logging `broker listening` with \
-                     addr=; stderr:\n{}",
-                    broker.stderr_output()
-                );
-            }
-            Err(_) => bail!(
-                "broker logged no `broker listening` line with addr= within {WAIT:?}; \
-                 stderr:\n{}",
-                broker.stderr_output()
-            ),
-        };
-
-        if let Err(error) = broker.wait_until_serving().await {
-            bail!(
-                "broker at {} did not become ready: {error:#}; stderr:\n{}",
-                broker.addr,
-                broker.stderr_output()
-            );
-        }
-        Ok(broker)
-    }
-
-    /// Polls the health service until it reports SERVING for the broker service.
-    async fn wait_until_serving(&self) -> Result<()> {
-        let endpoint = Endpoint::from_shared(self.endpoint())?.connect_timeout(WAIT);
-        let deadline = Instant::now() + WAIT;
-        let mut last_observation = String::from("no health check answered");
-        loop {
-            if Instant::now() >= deadline {
-                bail!("health check not SERVING within {WAIT:?}: {last_observation}");
-            }
-            let check = async {
-                let channel = endpoint.connect().await?;
-                let response = HealthClient::new(channel)
-                    .check(HealthCheckRequest {
-                        service: BROKER_SERVICE.to_string(),
-                    })
-                    .await?;
-                anyhow::Ok(response.into_inner().status())
-            };
-            match timeout(Duration::from_secs(2), check).await {
-                Ok(Ok(ServingStatus::Serving)) => return Ok(()),
-                Ok(Ok(status)) => last_observation = format!("status {status:?}"),
-                Ok(Err(error)) => last_observation = format!("{error:#}"),
-                Err(_) => last_observation = "health check timed out".to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Returns the address the broker listens on.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Returns the broker's URL, `http://127.0.0.1:PORT`.
-    pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Returns the data directory the broker was started with.
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-
-    /// Returns the process id of the broker.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Connects a new client on its own HTTP/2 connection.
-    pub async fn client(&self) -> Result<BrokerClient<Channel>> {
-        let channel = Endpoint::from_shared(self.endpoint())?
-            .connect_timeout(WAIT)
-            .connect()
-            .await
-            .with_context(|| format!("failed to connect to the broker at {}", self.addr))?;
-        Ok(BrokerClient::new(channel))
-    }
-
-    /// Returns everything the broker wrote to stderr so far.
-    pub fn stderr_output(&self) -> String {
-        self.stderr_lines.lock().unwrap().join("\n")
-    }
-
-    /// Kills the broker with SIGKILL, so it gets no chance to clean up, and waits for it.
-    pub fn kill9(&mut self) -> Result<ExitStatus> {
-        if let Some(status) = self.exited {
-            return Ok(status);
-        }
-        // `Child::kill` sends SIGKILL on Unix.
-        self.child
-            .kill()
-            .context("failed to send SIGKILL to the broker")?;
-        let status = self.child.wait().context("failed to wait for the broker")?;
-        self.exited = Some(status);
-        Ok(status)
-    }
-
-    /// Sends SIGTERM and waits up to [`WAIT`] for the broker to exit.
-    ///
-    /// Returns an error if the broker is still running after that, and leaves it for
-    /// `Drop` to kill.
-    pub async fn stop(&mut self) -> Result<ExitStatus> {
-        if let Some(status) = self.exited {
-            return Ok(status);
-        }
-        let pid = libc::pid_t::try_from(self.child.id()).context("broker pid out of range")?;
-        // SAFETY: `kill` only sends a signal. `pid` is the id of our own child, which
-        // cannot be reused by another process before we reap it with `wait`.
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        if sent != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("failed to send SIGTERM to the broker");
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.exited = Some(status);
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "broker did not exit within {WAIT:?} of SIGTERM; stderr:\n{}",
-                    self.stderr_output()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            let lines = self.stderr_lines.lock().unwrap();
-            let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
-            eprintln!(
-                "--- stderr of the broker at {} (pid {}), last {} lines ---",
-                self.addr,
-                self.child.id(),
-                lines.len() - start
-            );
-            for line in &lines[start..] {
-                eprintln!("{line}");
-            }
-            eprintln!("--- end of broker stderr ---");
-        }
-    }
-}
-
-/// Extracts the address from the broker's `broker listening` log line.
-///
-/// The line is formatted by `tracing`, for example
-/// `2025-01-01T00:00:00Z  INFO docket_broker: broker listening addr=127.0.0.1:41234`.
-/// ANSI escape sequences and quotes around the value are tolerated.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let line = strip_ansi(line);
-    if !line.contains("broker listening") {
-        return None;
-    }
-    let value = line.split("addr=").nth(1)?;
-    let value = value.split_whitespace().next()?;
-    value.trim_matches('"').parse().ok()
-}
-
-/// Removes ANSI escape sequences of the form `ESC [ ... letter`.
-fn strip_ansi(text: &str) -> String {
-    let mut output = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for next in chars.by_ref() {
-                if next.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            output.push(c);
-        }
-    }
-    output
-}
-
-/// Returns flags that make a failed task ready again at once, unless `extra_args` sets
-/// a retry backoff itself. Tests that do not test backoff then need not wait for it.
-fn default_retry_args(extra_args: &[&str]) -> Vec<&'static str> {
-    let sets_backoff = extra_args.iter().any(|arg| arg.starts_with("--retry-"));
-    if sets_backoff {
-        return Vec::new();
-    }
-    vec!["--retry-initial-backoff", "0s", "--retry-max-backoff", "0s"]
 }
 
 /// Builds a task with default priority and attempts, and no headers.
@@ -719,6 +442,21 @@ pub fn proto_duration(duration: Duration) -> prost_types::Duration {
     }
 }
 
+/// Converts a system time to the protobuf type.
+pub fn proto_timestamp(time: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(time)
+}
+
+/// Returns the value of the header `key` of a delivered task, or `None` if the delivery
+/// has no task or the task no such header.
+pub fn header<'a>(delivery: &'a Delivery, key: &str) -> Option<&'a str> {
+    delivery
+        .task
+        .as_ref()
+        .and_then(|task| task.headers.get(key))
+        .map(String::as_str)
+}
+
 /// An open Subscribe stream.
 pub struct Subscription {
     stream: Streaming<v1::SubscribeResponse>,
@@ -871,34 +609,4 @@ pub fn delivered_task_id(delivery: &Delivery) -> Result<String> {
         .as_ref()
         .map(|task| task.id.clone())
         .ok_or_else(|| anyhow!("delivery with lease {} has no task", delivery.lease_id))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn listening_addr_parses_tracing_line() {
-        let line = "2025-01-01T00:00:00.000000Z  INFO docket_broker: broker listening \
-                    addr=127.0.0.1:41234 data_dir=/tmp/x";
-        assert_eq!(
-            listening_addr(line),
-            Some(SocketAddr::from(([127, 0, 0, 1], 41234)))
-        );
-    }
-
-    #[test]
-    fn listening_addr_tolerates_ansi_and_quotes() {
-        let line = "\u{1b}[32m INFO\u{1b}[0m broker listening \u{1b}[3maddr\u{1b}[0m\
-                    \u{1b}[2m=\u{1b}[0m\"[::1]:7070\"";
-        assert_eq!(listening_addr(line), Some("[::1]:7070".parse().unwrap()));
-    }
-
-    #[test]
-    fn listening_addr_ignores_other_lines() {
-        assert_eq!(
-            listening_addr("INFO recovering store addr=127.0.0.1:1"),
-            None
-        );
-    }
 }

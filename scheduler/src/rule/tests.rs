@@ -340,7 +340,7 @@ fn invalid_rules_name_their_field_and_value() {
                 ..Default::default()
             },
             "recurrence.interval.every",
-            "500000000ns",
+            "500ms",
         ),
         (
             v1::Recurrence {
@@ -351,7 +351,7 @@ fn invalid_rules_name_their_field_and_value() {
                     }),
                     start_time: None,
                 })),
-                missed_runs: v1::MissedRunPolicy::RunAll.into(),
+                missed_runs: v1::MissedRunPolicy::RunOnce.into(),
                 max_missed_runs: 5000,
             },
             "recurrence.max_missed_runs",
