@@ -14,7 +14,7 @@ use crate::rule::nanos_timestamp;
 use crate::schedules::{Due, Schedules};
 use crate::store::Id;
 
-/// The gRPC service. It answers UNAVAILABLE until the store is open.
+/// The gRPC service. It returns UNAVAILABLE until the store is open.
 pub struct SchedulerService {
     schedules: Arc<OnceLock<Arc<Schedules>>>,
 }

@@ -1,7 +1,7 @@
 //! Docket's scheduler: holds tasks meant for the future and releases each into the broker
 //! once when it falls due.
 //!
-//! A one-shot schedule releases one task at a due time; a recurring schedule releases a
+//! A one-shot schedule releases one task at a due time. A recurring schedule releases a
 //! copy of its task template at every fire time of a cron expression in an IANA time zone,
 //! or of a fixed interval. Schedules live in the scheduler's own redb file. A loop sleeps
 //! until the earliest due time, enqueues the due tasks into the broker with an

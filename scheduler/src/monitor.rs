@@ -20,7 +20,7 @@ const BROKER_SERVICE_NAME: &str = "docket.v1.Broker";
 /// First delay before the watch is opened again after it failed.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
 
-/// Longest delay before the watch is opened again.
+/// Maximum delay before the watch is opened again.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Watches the broker's health service on `channel` until `shutdown` is cancelled, and

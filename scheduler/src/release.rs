@@ -4,7 +4,7 @@
 //! The claim is committed before the enqueue, and each task carries the idempotency key
 //! `schedule:<id>:<fire time>`. If the scheduler stops between enqueue and record, the
 //! next run finds the claim, enqueues the same keys again, and the broker returns the
-//! tasks it already holds instead of creating new ones.
+//! tasks it already contains instead of creating new ones.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use uuid::Uuid;
 use crate::rule::{now_nanos, rfc3339};
 use crate::schedules::{self, Claimed, Schedules};
 
-/// Longest sleep of the release loop. It wakes at least this often even when nothing is
+/// Maximum sleep of the release loop. It wakes at least this often even when nothing is
 /// due, so that a jump of the system clock delays no firing by more than this.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
@@ -49,7 +49,7 @@ pub struct ReleaseConfig {
     pub misfire_threshold: i64,
     /// Most schedules claimed at once, and most tasks in one Enqueue request.
     pub batch: usize,
-    /// Longest delay between two attempts to reach the broker.
+    /// Maximum delay between two attempts to reach the broker.
     pub max_retry_delay: Duration,
     /// Time limit of one Enqueue call.
     pub enqueue_timeout: Duration,
@@ -234,8 +234,8 @@ impl Releaser {
     }
 
     /// Enqueues one request's worth of firings, retrying while the broker cannot be
-    /// reached. A request the broker rejects is split, so that each rejection is told
-    /// apart. Returns each firing's task id or the broker's error, or `None` on shutdown.
+    /// reached. A request the broker rejects is split, so that each rejection is
+    /// attributed to its own firing. Returns each firing's task id or the broker's error, or `None` on shutdown.
     async fn enqueue_chunk(&self, chunk: &[Firing]) -> Option<Vec<Result<String, String>>> {
         let tasks: Vec<NewTask> = chunk.iter().map(|firing| firing.task.clone()).collect();
         match self.enqueue_with_retry(tasks).await? {
@@ -266,7 +266,7 @@ impl Releaser {
         }
     }
 
-    /// Calls Enqueue until the broker answers with something other than a transient
+    /// Calls Enqueue until the broker returns something other than a transient
     /// failure. Returns `None` if shutdown begins first.
     async fn enqueue_with_retry(&self, tasks: Vec<NewTask>) -> Option<Result<Vec<String>, Status>> {
         let mut delay = FIRST_RETRY_DELAY;
@@ -350,8 +350,9 @@ fn released_task(schedule: &Claimed, fire: i64) -> NewTask {
     task
 }
 
-/// Whether a failed Enqueue may succeed if it is repeated unchanged: the broker was
-/// unreachable, starting, stopping or overloaded, rather than rejecting the tasks.
+/// Returns whether a failed Enqueue may succeed if it is repeated unchanged, because the
+/// broker was unreachable, starting, stopping or overloaded rather than rejecting the
+/// tasks.
 fn is_transient(status: &Status) -> bool {
     matches!(
         status.code(),

@@ -21,7 +21,7 @@ pub const NANOS_PER_SECOND: i64 = 1_000_000_000;
 /// Shortest interval of an interval rule.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Longest interval of an interval rule.
+/// Maximum interval of an interval rule.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 
 /// `max_missed_runs` when a RUN_ALL policy leaves it at 0.
@@ -53,7 +53,7 @@ pub enum Rule {
     },
 }
 
-/// What happens to fire times missed by more than the misfire threshold.
+/// The policy for fire times missed by more than the misfire threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MissedRuns {
     /// Release nothing for them.
@@ -69,7 +69,7 @@ pub enum MissedRuns {
 pub struct Recurrence {
     /// When the schedule fires.
     pub rule: Rule,
-    /// What happens to missed fire times.
+    /// The policy for missed fire times.
     pub missed_runs: MissedRuns,
 }
 
@@ -278,7 +278,7 @@ impl Rule {
     }
 }
 
-/// What one firing of a schedule releases, and where the schedule goes next.
+/// The plan of one firing: the fire times it releases, and the schedule's next fire time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// Fire times to release a task for, oldest first.
@@ -290,7 +290,7 @@ pub struct Plan {
 }
 
 /// Plans the firing of a recurring schedule whose next fire time `due` has come, at time
-/// `now`. Fire times earlier than `now - threshold` are missed and follow the policy; the
+/// `now`. Fire times earlier than `now - threshold` are missed and follow the policy. The
 /// first fire time after them becomes the next one, even if it is already due.
 pub fn plan(recurrence: &Recurrence, due: i64, now: i64, threshold: i64) -> Plan {
     let rule = &recurrence.rule;

@@ -14,10 +14,10 @@ use crate::error::SchedulerError;
 use crate::rule::{self, Recurrence, now_nanos};
 use crate::store::{Id, Store, Tables, Writer};
 
-/// Longest delay of a one-shot schedule.
+/// Maximum delay of a one-shot schedule.
 pub const MAX_DELAY: Duration = Duration::from_secs(100 * 366 * 24 * 60 * 60);
 
-/// Longest name of a recurring schedule.
+/// Maximum length of a recurring schedule's name.
 pub const MAX_NAME_LEN: usize = 128;
 
 /// Number of schedules a page of ListSchedules holds when the request sets none.
@@ -492,7 +492,7 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), SchedulerError> {
     Ok(())
 }
 
-/// Where a page of ListSchedules starts.
+/// The position a page of ListSchedules starts after.
 enum PageToken {
     Start,
     AfterName(String),
@@ -549,7 +549,7 @@ pub struct Claimed {
 
 /// Claims the schedules of the due-index entries `due` that are due at `now`: plans each
 /// one's release under its missed-run policy and stores the plan. A schedule that already
-/// holds a plan of its current revision, from a run that stopped before recording it,
+/// has a stored plan of its current revision, from a run that stopped before recording it,
 /// keeps that plan.
 pub fn claim(
     tables: &mut Tables<'_>,
@@ -563,7 +563,7 @@ pub fn claim(
         let Some(previous) = previous.filter(|record| {
             record.state() == ScheduleState::Active && record.next_fire_nanos == Some(time)
         }) else {
-            // The index holds exactly the active schedules by next fire time, so this
+            // The index contains exactly the active schedules by next fire time, so this
             // entry is stale. Left in place, it would be found due on every pass.
             tracing::warn!(
                 schedule_id = %Uuid::from_u128(id),

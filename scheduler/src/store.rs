@@ -3,7 +3,7 @@
 //!
 //! Reads open their own read transaction. Every write goes through the [`Writer`]: one
 //! thread that takes all waiting operations, runs them in one write transaction, commits
-//! once, and then answers each of them.
+//! once, and then returns each one's result.
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -309,8 +309,7 @@ fn due_time(record: &ScheduleRecord) -> Option<i64> {
     }
 }
 
-/// What a write operation hands back to the writer: whether it failed in the store, so
-/// that the transaction must not commit, and what to do once the commit is known.
+/// The callback that delivers a write operation's result once the commit is known.
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// A write operation, run on the writer thread inside the batch's transaction, or given
@@ -358,9 +357,11 @@ impl Writer {
             };
             let failed = matches!(&result, Err(err) if err.is_storage());
             let completion: Completion = Box::new(move |commit| {
-                let result = match commit {
-                    Ok(()) => result,
-                    Err(message) => Err(SchedulerError::CommitFailed(message)),
+                // An operation's own error explains more than the failed commit it caused.
+                let result = match (result, commit) {
+                    (Err(err), _) => Err(err),
+                    (Ok(value), Ok(())) => Ok(value),
+                    (Ok(_), Err(message)) => Err(SchedulerError::CommitFailed(message)),
                 };
                 let _ = reply.send(result);
             });
@@ -414,8 +415,8 @@ fn write_batch(db: &Database, batch: &mut Vec<Job>) -> (Result<(), String>, Vec<
         }
     }
     let commit = if failed {
-        // The operation that failed has its own error; the others in the batch are told
-        // that the batch was not committed.
+        // The operation that failed has its own error. The others in the batch get an error
+        // saying that the batch was not committed.
         let _ = txn.abort();
         Err("another write in the same transaction failed in the store".to_string())
     } else {

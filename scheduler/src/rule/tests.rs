@@ -65,7 +65,7 @@ fn fire_times(recurrence: &Recurrence, from: &str, until: &str) -> Vec<String> {
 }
 
 #[test]
-fn fixed_time_in_the_spring_gap_fires_once_after_the_gap() {
+fn spring_gap_fires_once_after() {
     // On 2027-03-28 Berlin's clocks jump from 02:00 CET to 03:00 CEST, so 02:30 does not
     // exist; the job runs once, at 03:00 CEST.
     let rule = cron("0 30 2 * * *", "Europe/Berlin");
@@ -81,7 +81,7 @@ fn fixed_time_in_the_spring_gap_fires_once_after_the_gap() {
 }
 
 #[test]
-fn fixed_time_in_the_autumn_overlap_fires_once() {
+fn autumn_overlap_fires_once() {
     // On 2027-10-31 Berlin's clocks go back from 03:00 CEST to 02:00 CET, so 02:30 happens
     // twice; the job runs at the first, 00:30 UTC.
     let rule = cron("0 30 2 * * *", "Europe/Berlin");
@@ -111,7 +111,7 @@ fn new_york_changes_fire_once_each() {
 }
 
 #[test]
-fn hourly_rule_fires_in_both_passes_of_the_repeated_hour() {
+fn hourly_rule_fires_both_passes() {
     let rule = cron("0 0 * * * *", "Europe/Berlin");
     let times = fire_times(&rule, "2027-10-30T22:30:00Z", "2027-10-31T03:30:00Z");
     // 00:00 CEST .. 02:00 CEST, then 02:00 CET again, then 03:00 and 04:00 CET: one fire
@@ -143,7 +143,7 @@ fn fire_times_follow_the_time_zone() {
 }
 
 #[test]
-fn next_after_is_strict_and_ignores_fractions_of_a_second() {
+fn next_after_strict_whole_seconds() {
     let rule = cron("* * * * * *", "");
     let whole = utc("2027-05-01T10:00:00Z");
     assert_eq!(rule.rule.next_after(whole), Some(whole + NANOS_PER_SECOND));
@@ -179,7 +179,7 @@ fn interval_fire_times_keep_their_phase() {
 }
 
 #[test]
-fn a_fire_time_within_the_threshold_is_not_missed() {
+fn plan_within_threshold_not_missed() {
     let start = utc("2027-05-01T10:00:00Z");
     let rule = interval(10, start, v1::MissedRunPolicy::Skip, 0);
     let plan = plan(
@@ -198,9 +198,9 @@ fn a_fire_time_within_the_threshold_is_not_missed() {
     );
 }
 
-/// A schedule every 10 s from 10:00:00, last released at 10:00:00, and back at 10:01:05
-/// with a 20 s threshold: 10:00:10 to 10:00:40 are missed (4 times); 10:00:50 and 10:01:00
-/// are late by less than the threshold, so the next fire time is 10:00:50.
+/// Plans a schedule every 10 s from 10:00:00, last released at 10:00:00, at 10:01:05 with
+/// a 20 s threshold. The times 10:00:10 to 10:00:40 are missed (4 times). The times
+/// 10:00:50 and 10:01:00 are late by less than the threshold, so 10:00:50 is next.
 fn missed_runs_case(policy: v1::MissedRunPolicy, max: u32) -> Plan {
     let start = utc("2027-05-01T10:00:00Z");
     let rule = interval(10, start, policy, max);
@@ -245,7 +245,7 @@ fn run_once_releases_the_latest_missed_run() {
 }
 
 #[test]
-fn run_all_releases_the_oldest_missed_runs_up_to_the_limit() {
+fn run_all_releases_oldest_up_to_limit() {
     assert_eq!(
         missed_runs_case(v1::MissedRunPolicy::RunAll, 3),
         Plan {
@@ -266,9 +266,9 @@ fn run_all_releases_the_oldest_missed_runs_up_to_the_limit() {
 }
 
 #[test]
-fn cron_missed_runs_are_counted_and_the_latest_found() {
-    // Every minute; due at 10:00, back at 10:30 with a 1 minute threshold: 10:00 to 10:28
-    // are missed (29 times), the next fire time is 10:29.
+fn cron_missed_runs_counted() {
+    // Every minute, due at 10:00 and planned at 10:30 with a 1 minute threshold. The times
+    // 10:00 to 10:28 are missed (29 times), so 10:29 is next.
     let rule = cron_with(
         "0 * * * * *",
         "Europe/Berlin",

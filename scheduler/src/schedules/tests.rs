@@ -87,7 +87,7 @@ async fn record_released(schedules: &Schedules, claimed: Vec<Claimed>) {
 }
 
 #[tokio::test]
-async fn a_stored_claim_is_released_again_with_the_same_fire_times() {
+async fn claim_survives_restart_unchanged() {
     let fixture = fixture();
     let schedules = &fixture.schedules;
     let (id, created) = schedules
@@ -123,7 +123,7 @@ async fn a_stored_claim_is_released_again_with_the_same_fire_times() {
 }
 
 #[tokio::test]
-async fn a_fired_one_shot_schedule_leaves_the_due_index_and_expires() {
+async fn one_shot_fired_then_expires() {
     let fixture = fixture();
     let schedules = &fixture.schedules;
     let (id, record) = schedules
@@ -167,7 +167,7 @@ async fn a_fired_one_shot_schedule_leaves_the_due_index_and_expires() {
 }
 
 #[tokio::test]
-async fn an_update_during_a_release_keeps_its_own_next_fire_time() {
+async fn update_during_release_wins() {
     let fixture = fixture();
     let schedules = &fixture.schedules;
     let (_, created) = schedules
@@ -200,7 +200,7 @@ async fn an_update_during_a_release_keeps_its_own_next_fire_time() {
 }
 
 #[tokio::test]
-async fn a_paused_schedule_is_not_due_and_resumes_after_now() {
+async fn paused_schedule_resumes_after_now() {
     let fixture = fixture();
     let schedules = &fixture.schedules;
     schedules
@@ -219,7 +219,7 @@ async fn a_paused_schedule_is_not_due_and_resumes_after_now() {
 }
 
 #[tokio::test]
-async fn names_are_unique_and_pages_cover_every_schedule_once() {
+async fn list_pages_cover_all_once() {
     let fixture = fixture();
     let schedules = &fixture.schedules;
     for name in ["c", "a", "b"] {
