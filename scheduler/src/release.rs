@@ -301,6 +301,23 @@ impl Releaser {
                 return Some(Err(status));
             }
             failures += 1;
+            if failures == 1 {
+                for task in &tasks {
+                    tracing::warn!(
+                        schedule_id = task
+                            .headers
+                            .get(SCHEDULE_ID_HEADER)
+                            .map(String::as_str)
+                            .unwrap_or_default(),
+                        fire_time = task
+                            .headers
+                            .get(FIRE_TIME_HEADER)
+                            .map(String::as_str)
+                            .unwrap_or_default(),
+                        "firing waits until the broker can be reached"
+                    );
+                }
+            }
             let jittered = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
             tracing::warn!(
                 tasks = tasks.len(),

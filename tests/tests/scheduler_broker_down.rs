@@ -243,5 +243,21 @@ async fn one_shots_wait_for_broker_restart() -> Result<()> {
         );
     };
     println!("retry logged by the scheduler: {retry_line}");
+    // The firings claimed before the first failed attempt are each logged as waiting.
+    // Later ones wait behind them unlogged until the broker is back.
+    let waiting: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("firing waits until the broker can be reached"))
+        .collect();
+    assert!(
+        !waiting.is_empty(),
+        "the scheduler logged no waiting firing; stderr:\n{stderr}"
+    );
+    for line in &waiting {
+        assert!(
+            schedule_ids.iter().any(|id| line.contains(id)),
+            "a waiting firing names none of the schedules {schedule_ids:?}: {line}"
+        );
+    }
     Ok(())
 }
