@@ -6,8 +6,8 @@
 //! next run finds the claim, enqueues the same keys again, and the broker returns the
 //! tasks it already contains instead of creating new ones.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use docket_proto::storage::FireOutcomeRecord;
@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::rule::{now_nanos, rfc3339};
 use crate::schedules::{self, Claimed, Schedules};
+use crate::store::Id;
 
 /// Maximum sleep of the release loop. It wakes at least this often even when nothing is
 /// due, so that a jump of the system clock delays no firing by more than this.
@@ -29,6 +30,10 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 
 /// Largest encoded size of one Enqueue request, well below the broker's message limit.
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Maximum number of firings logged one by one as waiting during one broker outage. Past
+/// it, the retry lines still count the waiting firings of each attempt.
+const MAX_LOGGED_WAITING: usize = 10_000;
 
 /// First delay before an enqueue is retried after the broker could not be reached.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
@@ -71,6 +76,7 @@ pub async fn run(
         broker,
         config,
         shutdown,
+        waiting: Mutex::new(WaitingFirings::default()),
     };
     releaser.run().await;
 }
@@ -80,6 +86,17 @@ struct Releaser {
     broker: BrokerClient<Channel>,
     config: ReleaseConfig,
     shutdown: CancellationToken,
+    /// Firings logged as waiting for the broker during the current outage.
+    waiting: Mutex<WaitingFirings>,
+}
+
+/// The due-index entries, (fire time, schedule id), that were logged as waiting for an
+/// unreachable broker, so that each is logged once per outage.
+#[derive(Default)]
+struct WaitingFirings {
+    logged: HashSet<(i64, Id)>,
+    /// Set once `MAX_LOGGED_WAITING` firings were logged.
+    full: bool,
 }
 
 impl Releaser {
@@ -120,6 +137,11 @@ impl Releaser {
             .writer
             .run(move |tables| schedules::claim(tables, &due, now, threshold))
             .await?;
+        self.waiting
+            .lock()
+            .expect("the waiting log is not poisoned")
+            .logged
+            .extend(claimed.iter().map(|schedule| (schedule.due, schedule.id)));
         let Some(outcomes) = self.enqueue(&claimed).await else {
             tracing::info!(
                 schedules = claimed.len(),
@@ -138,6 +160,18 @@ impl Releaser {
             tokio::time::sleep(pause).await;
         }
         let retention = self.schedules.retention;
+        {
+            let mut waiting = self
+                .waiting
+                .lock()
+                .expect("the waiting log is not poisoned");
+            for schedule in &claimed {
+                waiting.logged.remove(&(schedule.due, schedule.id));
+            }
+            if waiting.logged.is_empty() {
+                waiting.full = false;
+            }
+        }
         let recorded = claimed.clone();
         self.schedules
             .writer
@@ -318,6 +352,7 @@ impl Releaser {
                     );
                 }
             }
+            self.log_newly_due();
             let jittered = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
             tracing::warn!(
                 tasks = tasks.len(),
@@ -336,6 +371,44 @@ impl Releaser {
                 () = self.shutdown.cancelled() => return None,
             }
             delay = (delay * 2).min(self.config.max_retry_delay);
+        }
+    }
+}
+
+impl Releaser {
+    /// Logs each schedule that fell due while the release loop waits for the broker, once
+    /// per outage. Such firings wait behind the batch being retried.
+    fn log_newly_due(&self) {
+        let mut waiting = self
+            .waiting
+            .lock()
+            .expect("the waiting log is not poisoned");
+        if waiting.full {
+            return;
+        }
+        let due = match self.schedules.store.due(now_nanos(), self.config.batch) {
+            Ok(due) => due,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the due schedules to log them");
+                return;
+            }
+        };
+        for entry in due {
+            if waiting.logged.len() >= MAX_LOGGED_WAITING {
+                waiting.full = true;
+                tracing::warn!(
+                    logged = MAX_LOGGED_WAITING,
+                    "more firings wait for the broker than are logged one by one"
+                );
+                return;
+            }
+            if waiting.logged.insert(entry) {
+                tracing::warn!(
+                    schedule_id = %Uuid::from_u128(entry.1),
+                    fire_time = %rfc3339(entry.0),
+                    "firing waits until the broker can be reached"
+                );
+            }
         }
     }
 }

@@ -539,6 +539,8 @@ pub fn state_name(state: ScheduleState) -> &'static str {
 pub struct Claimed {
     /// The schedule.
     pub id: Id,
+    /// The schedule's entry in the due index: the next fire time it was claimed at.
+    pub due: i64,
     /// Its name, empty for a one-shot schedule.
     pub name: String,
     /// The task template.
@@ -602,6 +604,7 @@ pub fn claim(
         };
         claimed.push(Claimed {
             id,
+            due,
             name: previous.name.clone(),
             task: previous.task.clone().unwrap_or_default(),
             release,
