@@ -74,7 +74,7 @@ impl Payload {
 
     /// Returns the payload with its first [`STAMP_BYTES`] bytes replaced by the current
     /// [`now_nanos`], little-endian, or the plain payload when `stamp` is false.
-    fn build(&self, stamp: bool) -> Bytes {
+    pub fn build(&self, stamp: bool) -> Bytes {
         if !stamp {
             return self.template.clone();
         }
@@ -284,7 +284,20 @@ pub struct ConsumeSpec {
     pub handler_sleep: Option<Duration>,
     /// Record enqueue-to-delivery latency from the stamp in each payload.
     pub measure_latency: bool,
+    /// Keep a [`DeliveryRecord`] of every delivery, for [`Workers::stop_recorded`].
+    pub record_deliveries: bool,
 }
+
+/// One delivery that a worker received.
+pub struct DeliveryRecord {
+    pub task_id: String,
+    /// Value of the task's `docket-schedule-id` header; empty when it has none.
+    pub schedule_id: String,
+    pub received: Instant,
+}
+
+/// Header that the scheduler sets on every task it releases.
+const SCHEDULE_ID_HEADER: &str = "docket-schedule-id";
 
 /// Counters shared by the workers and their Ack calls.
 #[derive(Default)]
@@ -294,6 +307,10 @@ struct Shared {
     first_ack_error: Mutex<Option<String>>,
     /// Enqueue-to-delivery latency, recorded only when `ConsumeSpec::measure_latency` is set.
     latency: Mutex<Option<Histogram<u64>>>,
+    /// Deliveries received, counted only when `ConsumeSpec::record_deliveries` is set.
+    delivered: AtomicU64,
+    /// Every delivery, kept only when `ConsumeSpec::record_deliveries` is set.
+    deliveries: Mutex<Vec<DeliveryRecord>>,
 }
 
 impl Shared {
@@ -333,12 +350,16 @@ impl Workers {
                 .await
                 .context("Subscribe failed")?
                 .into_inner();
+            let options = WorkerOptions {
+                ack: spec.ack,
+                handler_sleep: spec.handler_sleep,
+                measure_latency: spec.measure_latency,
+                record_deliveries: spec.record_deliveries,
+            };
             tasks.spawn(run_worker(
                 client,
                 stream,
-                spec.ack,
-                spec.handler_sleep,
-                spec.measure_latency,
+                options,
                 Arc::clone(&shared),
                 stop.clone(),
             ));
@@ -355,6 +376,11 @@ impl Workers {
         self.shared.acked.load(Ordering::Relaxed)
     }
 
+    /// Deliveries received so far, counted only with `ConsumeSpec::record_deliveries`.
+    pub fn delivered(&self) -> u64 {
+        self.shared.delivered.load(Ordering::Relaxed)
+    }
+
     /// Waits until `count` tasks are acknowledged and returns the time it happened. Fails
     /// when an Ack failed or a worker ended.
     pub async fn wait_for_acks(&mut self, count: u64) -> Result<Instant> {
@@ -367,7 +393,8 @@ impl Workers {
         }
     }
 
-    fn check_health(&mut self) -> Result<()> {
+    /// Fails when an Ack failed or a worker ended.
+    pub fn check_health(&mut self) -> Result<()> {
         let failures = self.shared.ack_failures.load(Ordering::Relaxed);
         if failures > 0 {
             let first = self.shared.first_ack_error.lock().expect("error lock");
@@ -386,23 +413,50 @@ impl Workers {
     /// Closes every Subscribe stream and returns the enqueue-to-delivery latency, if the
     /// workers measured it.
     pub async fn stop(mut self) -> Result<Option<Histogram<u64>>> {
+        self.join().await?;
+        Ok(self.shared.latency.lock().expect("latency lock").take())
+    }
+
+    /// Closes every Subscribe stream and returns every delivery in the order the workers
+    /// recorded them; empty without `ConsumeSpec::record_deliveries`.
+    pub async fn stop_recorded(mut self) -> Result<Vec<DeliveryRecord>> {
+        self.join().await?;
+        Ok(std::mem::take(
+            &mut *self.shared.deliveries.lock().expect("deliveries lock"),
+        ))
+    }
+
+    async fn join(&mut self) -> Result<()> {
         self.stop.cancel();
         while let Some(joined) = self.tasks.join_next().await {
             joined.context("worker task panicked")??;
         }
-        Ok(self.shared.latency.lock().expect("latency lock").take())
+        Ok(())
     }
+}
+
+/// Settings of one worker: how it settles, times and records each delivery.
+#[derive(Clone, Copy)]
+struct WorkerOptions {
+    ack: AckMode,
+    handler_sleep: Option<Duration>,
+    measure_latency: bool,
+    record_deliveries: bool,
 }
 
 async fn run_worker(
     client: BrokerClient<Channel>,
     mut stream: tonic::Streaming<docket_proto::v1::SubscribeResponse>,
-    ack: AckMode,
-    handler_sleep: Option<Duration>,
-    measure_latency: bool,
+    options: WorkerOptions,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> Result<()> {
+    let WorkerOptions {
+        ack,
+        handler_sleep,
+        measure_latency,
+        record_deliveries,
+    } = options;
     let batch_sender = match ack {
         AckMode::PerTask => None,
         AckMode::Batch { size, flush } => {
@@ -435,6 +489,9 @@ async fn run_worker(
         let Some(Event::Delivery(delivery)) = message.event else {
             continue;
         };
+        if record_deliveries {
+            record_delivery(&shared, &delivery);
+        }
         if let Some(histogram) = local_latency.as_mut() {
             let payload = delivery.task.as_ref().map(|task| &task.payload[..]);
             if let Some(sent) = payload.and_then(read_stamp) {
@@ -481,6 +538,30 @@ async fn run_worker(
         merge_latency(&shared, histogram);
     }
     Ok(())
+}
+
+fn record_delivery(shared: &Shared, delivery: &docket_proto::v1::Delivery) {
+    let received = Instant::now();
+    let (task_id, schedule_id) = match delivery.task.as_ref() {
+        Some(task) => (
+            task.id.clone(),
+            task.headers
+                .get(SCHEDULE_ID_HEADER)
+                .cloned()
+                .unwrap_or_default(),
+        ),
+        None => (String::new(), String::new()),
+    };
+    shared
+        .deliveries
+        .lock()
+        .expect("deliveries lock")
+        .push(DeliveryRecord {
+            task_id,
+            schedule_id,
+            received,
+        });
+    shared.delivered.fetch_add(1, Ordering::Relaxed);
 }
 
 fn merge_latency(shared: &Shared, local: &mut Histogram<u64>) {

@@ -2,10 +2,13 @@
 //!
 //! Every scenario sends traffic to one broker, either a running one (`--broker`) or one
 //! that this program starts on a loopback port with a temporary data folder (`--spawn`).
+//! The `schedules` scenario also starts a scheduler on a loopback port, releasing into
+//! that broker.
 
 mod header;
 mod load;
 mod scenarios;
+mod schedules;
 mod spawn;
 mod stats;
 
@@ -18,7 +21,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::load::Payload;
 use crate::scenarios::Context;
-use crate::spawn::SpawnedBroker;
+use crate::spawn::SpawnedServer;
 use crate::stats::Printer;
 
 /// Load benchmarks of the Docket broker.
@@ -158,6 +161,29 @@ enum Scenario {
         #[command(flatten)]
         workers: WorkerArgs,
     },
+    /// One-shot schedules in a spawned scheduler: ScheduleTask calls/s and the scheduler's
+    /// memory with --count schedules held and after a restart, then the rate at which it
+    /// releases --release-count schedules due at one instant into the broker.
+    Schedules {
+        /// One-shot schedules created, all due in one day, so that none fires.
+        #[arg(long, value_parser = parse_positive_u64, default_value_t = 1_000_000)]
+        count: u64,
+        /// ScheduleTask calls in flight.
+        #[arg(long, value_parser = parse_positive, default_value_t = 64)]
+        concurrency: usize,
+        /// Connections that the calls in flight share.
+        #[arg(long, value_parser = parse_positive, default_value_t = 4)]
+        connections: usize,
+        /// One-shot schedules due at one instant, whose release into the broker is timed.
+        #[arg(long, value_parser = parse_positive_u64, default_value_t = 100_000)]
+        release_count: u64,
+        /// Scheduler binary to start. Default: `docket-scheduler` in the folder of
+        /// --broker-bin.
+        #[arg(long)]
+        scheduler_bin: Option<PathBuf>,
+        #[command(flatten)]
+        workers: WorkerArgs,
+    },
     /// The peers' workload with their phase names: single-task Enqueue calls with
     /// --inflight outstanding, one worker with max_in_flight = --prefetch, one Ack per task.
     Peers {
@@ -241,7 +267,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let common = cli.common;
     let (spawned, url, broker_description) = if common.spawn {
-        let (broker, times) = SpawnedBroker::start(&common.broker_bin).await?;
+        let (broker, times) = SpawnedServer::start_broker(&common.broker_bin).await?;
         let description = format!(
             "spawned {} at {} (pid {}, data {}, SERVING after {:.2} s)",
             common.broker_bin.display(),
@@ -266,6 +292,7 @@ async fn run(cli: Cli) -> Result<()> {
         timeout: Duration::from_secs(common.timeout),
         printer,
         spawned,
+        broker_bin: common.broker_bin.clone(),
     };
 
     let outcome = run_scenario(&mut context, cli.scenario).await;
@@ -356,6 +383,29 @@ async fn run_scenario(context: &mut Context, scenario: Scenario) -> Result<()> {
             };
             scenarios::backlog(context, &options).await
         }
+        Scenario::Schedules {
+            count,
+            concurrency,
+            connections,
+            release_count,
+            scheduler_bin,
+            workers,
+        } => {
+            let scheduler_bin = scheduler_bin
+                .unwrap_or_else(|| context.broker_bin.with_file_name("docket-scheduler"));
+            let options = schedules::SchedulesOptions {
+                count,
+                concurrency,
+                connections,
+                release_count,
+                scheduler_bin,
+                workers: workers.workers,
+                max_in_flight: workers.max_in_flight,
+                ack_batch: workers.ack_batch,
+                ack_flush: Duration::from_millis(workers.ack_flush_ms),
+            };
+            schedules::schedules(context, &options).await
+        }
         Scenario::Peers {
             n,
             inflight,
@@ -436,6 +486,37 @@ mod tests {
         };
         assert_eq!(n, 200_000);
         assert_eq!(workers.max_in_flight, 256);
+    }
+
+    #[test]
+    fn schedules_defaults() {
+        let cli = parse(&["--spawn", "schedules"]).expect("valid arguments");
+        let Scenario::Schedules {
+            count,
+            concurrency,
+            connections,
+            release_count,
+            scheduler_bin,
+            workers,
+        } = cli.scenario
+        else {
+            panic!("expected schedules, got {:?}", cli.scenario);
+        };
+        assert_eq!(count, 1_000_000);
+        assert_eq!(concurrency, 64);
+        assert_eq!(connections, 4);
+        assert_eq!(release_count, 100_000);
+        assert_eq!(scheduler_bin, None);
+        assert_eq!(workers.ack_batch, 64);
+    }
+
+    #[test]
+    fn schedules_zero_count_rejected() {
+        let error = parse(&["schedules", "--count", "0"]).expect_err("count 0 is invalid");
+        assert!(
+            error.to_string().contains("must be at least 1"),
+            "error: {error}"
+        );
     }
 
     #[test]

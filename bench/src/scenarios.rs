@@ -1,12 +1,13 @@
 //! The benchmark scenarios. Each one prints its result rows as soon as it measures them.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::load::{self, AckMode, ConsumeSpec, Payload, ProduceSpec, Workers};
-use crate::spawn::{self, SpawnedBroker};
+use crate::spawn::{self, SpawnedServer};
 use crate::stats::{Printer, Row, new_histogram};
 
 /// Batch size of the Enqueue calls that prepare a backlog.
@@ -23,17 +24,19 @@ pub struct Context {
     /// Hard bound of each phase.
     pub timeout: Duration,
     pub printer: Printer,
-    pub spawned: Option<SpawnedBroker>,
+    pub spawned: Option<SpawnedServer>,
+    /// Broker binary of --spawn. The scheduler binary is looked up beside it.
+    pub broker_bin: PathBuf,
 }
 
 impl Context {
     /// Name of the queue of one phase, so that phases never see each other's tasks.
-    fn queue(&self, phase: &str) -> String {
+    pub fn queue(&self, phase: &str) -> String {
         format!("{}.{phase}", self.queue_prefix)
     }
 
     /// Runs `future` as the phase `name`, failing when it takes longer than the timeout.
-    async fn phase<T>(&self, name: &str, future: impl Future<Output = Result<T>>) -> Result<T> {
+    pub async fn phase<T>(&self, name: &str, future: impl Future<Output = Result<T>>) -> Result<T> {
         match tokio::time::timeout(self.timeout, future).await {
             Ok(result) => result.with_context(|| format!("phase {name} failed")),
             Err(_) => bail!(
@@ -165,6 +168,7 @@ pub async fn drain(context: &mut Context, options: &DrainOptions) -> Result<()> 
             ack,
             handler_sleep: None,
             measure_latency: false,
+            record_deliveries: false,
         };
         let (elapsed, _) = context
             .consume(&format!("drain {case}"), &spec, options.n)
@@ -215,6 +219,7 @@ pub async fn e2e(context: &mut Context, options: &E2eOptions) -> Result<()> {
         ack,
         handler_sleep: None,
         measure_latency: true,
+        record_deliveries: false,
     };
 
     // Sustained: the producers flood for the whole duration, and the rate counts the tasks
@@ -321,6 +326,7 @@ pub async fn campaign(context: &mut Context, options: &CampaignOptions) -> Resul
         },
         handler_sleep: Some(options.handler),
         measure_latency: false,
+        record_deliveries: false,
     };
     let (total, enqueue_elapsed) = context
         .phase("campaign", async {
@@ -405,6 +411,7 @@ pub async fn backlog(context: &mut Context, options: &BacklogOptions) -> Result<
         },
         handler_sleep: None,
         measure_latency: false,
+        record_deliveries: false,
     };
     let (elapsed, _) = context.consume("backlog drain", &spec, options.n).await?;
     let rss_drained = context.broker_rss_mib()?;
@@ -461,6 +468,7 @@ pub async fn peers(context: &mut Context, options: &PeersOptions) -> Result<()> 
         ack: AckMode::PerTask,
         handler_sleep: None,
         measure_latency,
+        record_deliveries: false,
     };
 
     let produced = context
@@ -526,8 +534,8 @@ pub async fn peers(context: &mut Context, options: &PeersOptions) -> Result<()> 
 impl Context {
     /// Resident memory of the spawned broker in MiB, or `None` for a broker that this run
     /// did not start.
-    fn broker_rss_mib(&self) -> Result<Option<f64>> {
-        let Some(pid) = self.spawned.as_ref().and_then(SpawnedBroker::pid) else {
+    pub fn broker_rss_mib(&self) -> Result<Option<f64>> {
+        let Some(pid) = self.spawned.as_ref().and_then(SpawnedServer::pid) else {
             return Ok(None);
         };
         let kib = spawn::resident_kib(pid)?;
@@ -535,6 +543,6 @@ impl Context {
     }
 }
 
-fn round2(value: f64) -> f64 {
+pub fn round2(value: f64) -> f64 {
     (value * 100.0).round() / 100.0
 }
