@@ -101,25 +101,77 @@ struct WaitingFirings {
 
 impl Releaser {
     async fn run(&self) {
+        let mut finished = Vec::new();
         while !self.shutdown.is_cancelled() {
-            if let Err(err) = self.step().await {
-                tracing::error!(error = %err, "release loop failed; retrying in 1s");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    () = self.shutdown.cancelled() => {}
+            match self.step(std::mem::take(&mut finished)).await {
+                Ok(Some(next)) => finished = next,
+                Ok(None) => {}
+                Err(err) => {
+                    // The releases in progress stay stored, so the next step claims them
+                    // again and enqueues the same idempotency keys.
+                    tracing::error!(error = %err, "release loop failed; retrying in 1s");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = self.shutdown.cancelled() => {}
+                    }
                 }
+            }
+        }
+        if !finished.is_empty() {
+            let retention = self.schedules.retention;
+            let recorded = finished.len();
+            let result = self
+                .schedules
+                .writer
+                .run(move |tables| {
+                    for (claimed, outcomes) in &finished {
+                        schedules::record(tables, claimed, outcomes, retention)?;
+                    }
+                    Ok(())
+                })
+                .await;
+            match result {
+                Ok(()) => tracing::info!(
+                    schedules = recorded,
+                    "recorded the last release before shutdown"
+                ),
+                Err(err) => tracing::error!(
+                    error = %err,
+                    schedules = recorded,
+                    "cannot record the last release before shutdown; it is enqueued again at the next start"
+                ),
             }
         }
     }
 
-    /// Releases the schedules due now, or sleeps until the next one is due.
-    async fn step(&self) -> Result<(), crate::error::SchedulerError> {
+    /// Records the releases of `finished` and claims the schedules due now in one
+    /// transaction, then enqueues their tasks, or sleeps until the next one is due.
+    /// Returns the releases to record in the next step.
+    async fn step(
+        &self,
+        finished: Vec<schedules::Finished>,
+    ) -> Result<Option<Vec<schedules::Finished>>, crate::error::SchedulerError> {
         let now = now_nanos();
-        let store = &self.schedules.store;
-        let due = store.due(now, self.config.batch)?;
-        if due.is_empty() {
+        let threshold = self.config.misfire_threshold;
+        let limit = self.config.batch;
+        let retention = self.schedules.retention;
+        let recorded: Vec<(i64, Id)> = finished
+            .iter()
+            .map(|(schedule, _)| (schedule.due, schedule.id))
+            .collect();
+        let cycle = self
+            .schedules
+            .writer
+            .run(move |tables| {
+                schedules::cycle(tables, &finished, now, threshold, limit, retention)
+            })
+            .await?;
+        self.forget_waiting(&recorded);
+
+        let claimed = cycle.claimed;
+        if claimed.is_empty() {
             self.purge_expired(now).await?;
-            let sleep = match store.earliest_due()? {
+            let sleep = match cycle.earliest_due {
                 Some(time) => Duration::from_nanos(time.saturating_sub(now).max(0) as u64),
                 None => MAX_SLEEP,
             };
@@ -128,15 +180,9 @@ impl Releaser {
                 () = self.schedules.wake.notified() => {}
                 () = self.shutdown.cancelled() => {}
             }
-            return Ok(());
+            return Ok(None);
         }
 
-        let threshold = self.config.misfire_threshold;
-        let claimed = self
-            .schedules
-            .writer
-            .run(move |tables| schedules::claim(tables, &due, now, threshold))
-            .await?;
         self.waiting
             .lock()
             .expect("the waiting log is not poisoned")
@@ -147,7 +193,7 @@ impl Releaser {
                 schedules = claimed.len(),
                 "shutdown while the broker was unreachable; the release resumes at the next start"
             );
-            return Ok(());
+            return Ok(None);
         };
         if let Some(pause) = self.config.pause_after_enqueue {
             for schedule in &claimed {
@@ -159,30 +205,21 @@ impl Releaser {
             }
             tokio::time::sleep(pause).await;
         }
-        let retention = self.schedules.retention;
-        {
-            let mut waiting = self
-                .waiting
-                .lock()
-                .expect("the waiting log is not poisoned");
-            for schedule in &claimed {
-                waiting.logged.remove(&(schedule.due, schedule.id));
-            }
-            if waiting.logged.is_empty() {
-                waiting.full = false;
-            }
+        Ok(Some(claimed.into_iter().zip(outcomes).collect()))
+    }
+
+    /// Forgets the waiting firings of releases that were recorded.
+    fn forget_waiting(&self, recorded: &[(i64, Id)]) {
+        let mut waiting = self
+            .waiting
+            .lock()
+            .expect("the waiting log is not poisoned");
+        for entry in recorded {
+            waiting.logged.remove(entry);
         }
-        let recorded = claimed.clone();
-        self.schedules
-            .writer
-            .run(move |tables| {
-                for (schedule, outcomes) in recorded.iter().zip(&outcomes) {
-                    schedules::record(tables, schedule, outcomes, retention)?;
-                }
-                Ok(())
-            })
-            .await?;
-        Ok(())
+        if waiting.logged.is_empty() {
+            waiting.full = false;
+        }
     }
 
     /// Deletes one-shot schedules whose retention has passed, a bounded number at a time.
@@ -206,14 +243,13 @@ impl Releaser {
     /// broker could not be reached.
     async fn enqueue(&self, claimed: &[Claimed]) -> Option<Vec<Vec<FireOutcomeRecord>>> {
         let mut outcomes = vec![Vec::new(); claimed.len()];
+        // Each firing as (index of its schedule in `claimed`, fire time), and its task.
         let mut firings = Vec::new();
+        let mut tasks = Vec::new();
         for (index, schedule) in claimed.iter().enumerate() {
             for &fire in &schedule.release.fire_nanos {
-                firings.push(Firing {
-                    index,
-                    fire,
-                    task: released_task(schedule, fire),
-                });
+                firings.push((index, fire));
+                tasks.push(released_task(schedule, fire));
             }
         }
         let mut start = 0;
@@ -221,24 +257,25 @@ impl Releaser {
             let mut end = start;
             let mut bytes = 0;
             while end < firings.len() && end - start < self.config.batch {
-                let size = firings[end].task.encoded_len();
+                let size = tasks[end].encoded_len();
                 if end > start && bytes + size > MAX_REQUEST_BYTES {
                     break;
                 }
                 bytes += size;
                 end += 1;
             }
-            let chunk = &firings[start..end];
-            let results = self.enqueue_chunk(chunk).await?;
+            let results = self.enqueue_chunk(&tasks[start..end]).await?;
             let release_nanos = now_nanos();
-            for (firing, result) in chunk.iter().zip(results) {
-                let schedule = &claimed[firing.index];
+            let mut released = 0;
+            for (&(index, fire), result) in firings[start..end].iter().zip(results) {
+                let schedule = &claimed[index];
                 let (task_id, error) = match result {
                     Ok(task_id) => {
-                        tracing::info!(
+                        released += 1;
+                        tracing::debug!(
                             schedule_id = %Uuid::from_u128(schedule.id),
                             name = %schedule.name,
-                            fire_time = %rfc3339(firing.fire),
+                            fire_time = %rfc3339(fire),
                             task_id = %task_id,
                             "released"
                         );
@@ -248,20 +285,21 @@ impl Releaser {
                         tracing::warn!(
                             schedule_id = %Uuid::from_u128(schedule.id),
                             name = %schedule.name,
-                            fire_time = %rfc3339(firing.fire),
+                            fire_time = %rfc3339(fire),
                             error = %error,
                             "the broker rejected the task of a firing"
                         );
                         (String::new(), error)
                     }
                 };
-                outcomes[firing.index].push(FireOutcomeRecord {
-                    fire_nanos: firing.fire,
+                outcomes[index].push(FireOutcomeRecord {
+                    fire_nanos: fire,
                     release_nanos,
                     task_id,
                     error,
                 });
             }
+            tracing::info!(tasks = released, "released due tasks into the broker");
             start = end;
         }
         Some(outcomes)
@@ -270,9 +308,8 @@ impl Releaser {
     /// Enqueues one request's worth of firings, retrying while the broker cannot be
     /// reached. A request the broker rejects is split, so that each rejection is
     /// attributed to its own firing. Returns each firing's task id or the broker's error, or `None` on shutdown.
-    async fn enqueue_chunk(&self, chunk: &[Firing]) -> Option<Vec<Result<String, String>>> {
-        let tasks: Vec<NewTask> = chunk.iter().map(|firing| firing.task.clone()).collect();
-        match self.enqueue_with_retry(tasks).await? {
+    async fn enqueue_chunk(&self, chunk: &[NewTask]) -> Option<Vec<Result<String, String>>> {
+        match self.enqueue_with_retry(chunk).await? {
             Ok(ids) if ids.len() == chunk.len() => Some(ids.into_iter().map(Ok).collect()),
             Ok(ids) => {
                 let error = format!(
@@ -285,8 +322,8 @@ impl Releaser {
             Err(status) if chunk.len() == 1 => Some(vec![Err(describe(&status))]),
             Err(_) => {
                 let mut results = Vec::with_capacity(chunk.len());
-                for firing in chunk {
-                    match self.enqueue_with_retry(vec![firing.task.clone()]).await? {
+                for task in chunk {
+                    match self.enqueue_with_retry(std::slice::from_ref(task)).await? {
                         Ok(mut ids) if ids.len() == 1 => results.push(Ok(ids.remove(0))),
                         Ok(ids) => results.push(Err(format!(
                             "the broker returned {} task ids for 1 task",
@@ -302,13 +339,13 @@ impl Releaser {
 
     /// Calls Enqueue until the broker returns something other than a transient
     /// failure. Returns `None` if shutdown begins first.
-    async fn enqueue_with_retry(&self, tasks: Vec<NewTask>) -> Option<Result<Vec<String>, Status>> {
+    async fn enqueue_with_retry(&self, tasks: &[NewTask]) -> Option<Result<Vec<String>, Status>> {
         let mut delay = FIRST_RETRY_DELAY;
         let mut failures = 0u32;
         loop {
             let mut broker = self.broker.clone();
             let request = EnqueueRequest {
-                tasks: tasks.clone(),
+                tasks: tasks.to_vec(),
             };
             let result = tokio::select! {
                 result = tokio::time::timeout(self.config.enqueue_timeout, broker.enqueue(request)) => result,
@@ -336,7 +373,7 @@ impl Releaser {
             }
             failures += 1;
             if failures == 1 {
-                for task in &tasks {
+                for task in tasks {
                     tracing::warn!(
                         schedule_id = task
                             .headers
@@ -411,14 +448,6 @@ impl Releaser {
             }
         }
     }
-}
-
-/// One task to release: the fire time of a claimed schedule.
-struct Firing {
-    /// Index of the schedule in the claimed list.
-    index: usize,
-    fire: i64,
-    task: NewTask,
 }
 
 /// Builds the task that `schedule` releases for `fire`: its template with the firing's

@@ -126,7 +126,7 @@ impl Schedules {
                     )));
                 }
                 match previous.state() {
-                    ScheduleState::Active if previous.release.is_some() => {
+                    ScheduleState::Active if tables.release(id)?.is_some() => {
                         return Err(SchedulerError::FailedPrecondition(format!(
                             "schedule {} is being released into the broker and can no longer be cancelled",
                             Uuid::from_u128(id)
@@ -549,6 +549,38 @@ pub struct Claimed {
     pub release: Release,
 }
 
+/// A claimed release whose tasks were enqueued, with the outcome of each fire time.
+pub type Finished = (Claimed, Vec<FireOutcomeRecord>);
+
+/// The result of one [`cycle`].
+pub struct Cycle {
+    /// The schedules claimed for release.
+    pub claimed: Vec<Claimed>,
+    /// The earliest next fire time of any active schedule after the cycle.
+    pub earliest_due: Option<i64>,
+}
+
+/// Runs one step of the release loop in a single transaction: records the releases of
+/// `finished`, then claims up to `limit` schedules that are due at `now`.
+pub fn cycle(
+    tables: &mut Tables<'_>,
+    finished: &[Finished],
+    now: i64,
+    threshold: i64,
+    limit: usize,
+    retention: i64,
+) -> Result<Cycle, SchedulerError> {
+    for (claimed, outcomes) in finished {
+        record(tables, claimed, outcomes, retention)?;
+    }
+    let due = tables.due(now, limit)?;
+    let claimed = claim(tables, &due, now, threshold)?;
+    Ok(Cycle {
+        claimed,
+        earliest_due: tables.earliest_due()?,
+    })
+}
+
 /// Claims the schedules of the due-index entries `due` that are due at `now`: plans each
 /// one's release under its missed-run policy and stores the plan. A schedule that already
 /// has a stored plan of its current revision, from a run that stopped before recording it,
@@ -574,59 +606,69 @@ pub fn claim(
             tables.remove_due(time, id)?;
             continue;
         };
-        let due = time;
-        let release = match &previous.release {
-            Some(release) if release.revision == previous.revision => release.clone(),
+        let release = match tables.release(id)? {
+            Some(release) if release.revision == previous.revision => release,
             _ => {
-                let release = match previous.kind() {
-                    ScheduleKind::Recurring => {
-                        let recurrence = stored_recurrence(&previous)?;
-                        let plan = rule::plan(&recurrence, due, now, threshold);
-                        Release {
-                            fire_nanos: plan.fire,
-                            next_fire_nanos: plan.next,
-                            skipped: plan.skipped,
-                            revision: previous.revision,
-                        }
-                    }
-                    _ => Release {
-                        fire_nanos: vec![due],
-                        next_fire_nanos: None,
-                        skipped: 0,
-                        revision: previous.revision,
-                    },
-                };
-                let mut record = previous.clone();
-                record.release = Some(release.clone());
-                tables.put(id, &record, Some(&previous))?;
+                let release = plan_release(&previous, time, now, threshold)?;
+                tables.put_release(id, &release)?;
                 release
             }
         };
         claimed.push(Claimed {
             id,
-            due,
-            name: previous.name.clone(),
-            task: previous.task.clone().unwrap_or_default(),
+            due: time,
+            name: previous.name,
+            task: previous.task.unwrap_or_default(),
             release,
         });
     }
     Ok(claimed)
 }
 
+/// Plans the release of `record`, whose next fire time `due` has come, at `now`.
+fn plan_release(
+    record: &ScheduleRecord,
+    due: i64,
+    now: i64,
+    threshold: i64,
+) -> Result<Release, SchedulerError> {
+    if record.kind() != ScheduleKind::Recurring {
+        return Ok(Release {
+            fire_nanos: vec![due],
+            next_fire_nanos: None,
+            skipped: 0,
+            revision: record.revision,
+        });
+    }
+    let recurrence = stored_recurrence(record)?;
+    let plan = rule::plan(&recurrence, due, now, threshold);
+    Ok(Release {
+        fire_nanos: plan.fire,
+        next_fire_nanos: plan.next,
+        skipped: plan.skipped,
+        revision: record.revision,
+    })
+}
+
 /// Records the outcome of a claimed release: the firings, the skipped runs, and the next
-/// fire time, unless a client changed the schedule since it was claimed.
+/// fire time, unless a client changed the schedule since it was claimed. A release that
+/// is no longer stored, because it was recorded already or its schedule was deleted, is
+/// left alone.
 pub fn record(
     tables: &mut Tables<'_>,
     claimed: &Claimed,
     outcomes: &[FireOutcomeRecord],
     retention: i64,
 ) -> Result<(), SchedulerError> {
+    if tables.release(claimed.id)?.as_ref() != Some(&claimed.release) {
+        return Ok(());
+    }
+    tables.remove_release(claimed.id)?;
     let Some(previous) = tables.get(claimed.id)? else {
         return Ok(());
     };
     let now = now_nanos();
     let mut record = previous.clone();
-    record.release = None;
     record.fire_count += outcomes
         .iter()
         .filter(|outcome| outcome.error.is_empty())

@@ -9,7 +9,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use docket_proto::storage::ScheduleRecord;
+use docket_proto::storage::{Release, ScheduleRecord};
 use docket_proto::v1::{ScheduleKind, ScheduleState};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
@@ -26,6 +26,8 @@ const SCHEDULES: TableDefinition<u128, &[u8]> = TableDefinition::new("schedules"
 const NAMES: TableDefinition<&str, u128> = TableDefinition::new("names");
 /// Active schedules by next fire time.
 const DUE: TableDefinition<(i64, u128), ()> = TableDefinition::new("due");
+/// Releases in progress by schedule id: fire times claimed and not yet recorded.
+const RELEASES: TableDefinition<u128, &[u8]> = TableDefinition::new("releases");
 /// One-shot schedules that no longer fire, by the time they are deleted.
 const EXPIRY: TableDefinition<(i64, u128), ()> = TableDefinition::new("expiry");
 /// Metadata: the schema version.
@@ -208,6 +210,7 @@ pub struct Tables<'txn> {
     names: Table<'txn, &'static str, u128>,
     due: Table<'txn, (i64, u128), ()>,
     expiry: Table<'txn, (i64, u128), ()>,
+    releases: Table<'txn, u128, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -217,6 +220,7 @@ impl<'txn> Tables<'txn> {
             names: txn.open_table(NAMES)?,
             due: txn.open_table(DUE)?,
             expiry: txn.open_table(EXPIRY)?,
+            releases: txn.open_table(RELEASES)?,
         })
     }
 
@@ -256,6 +260,49 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
+    /// Returns up to `limit` entries of the due index, (next fire time, id), whose time is
+    /// at or before `now`, earliest first, including changes of this transaction.
+    pub fn due(&self, now: i64, limit: usize) -> Result<Vec<(i64, Id)>, SchedulerError> {
+        let mut due = Vec::new();
+        for entry in self.due.range(..=(now, u128::MAX))?.take(limit) {
+            due.push(entry?.0.value());
+        }
+        Ok(due)
+    }
+
+    /// Returns the earliest next fire time of any active schedule.
+    pub fn earliest_due(&self) -> Result<Option<i64>, SchedulerError> {
+        Ok(self.due.first()?.map(|(key, _)| key.value().0))
+    }
+
+    /// Returns the release in progress of schedule `id`.
+    pub fn release(&self, id: Id) -> Result<Option<Release>, SchedulerError> {
+        let value = self.releases.get(id)?;
+        value
+            .map(|value| {
+                Release::decode(value.value()).map_err(|err| {
+                    SchedulerError::Corrupt(format!(
+                        "release of schedule {}: {err}",
+                        uuid::Uuid::from_u128(id)
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    /// Stores `release` as the release in progress of schedule `id`.
+    pub fn put_release(&mut self, id: Id, release: &Release) -> Result<(), SchedulerError> {
+        self.releases
+            .insert(id, release.encode_to_vec().as_slice())?;
+        Ok(())
+    }
+
+    /// Removes the release in progress of schedule `id`.
+    pub fn remove_release(&mut self, id: Id) -> Result<(), SchedulerError> {
+        self.releases.remove(id)?;
+        Ok(())
+    }
+
     /// Removes the due-index entry of `id` at `time`.
     pub fn remove_due(&mut self, time: i64, id: Id) -> Result<(), SchedulerError> {
         self.due.remove((time, id))?;
@@ -265,6 +312,7 @@ impl<'txn> Tables<'txn> {
     /// Deletes the schedule `record` stored under `id`, with its index entries.
     pub fn delete(&mut self, id: Id, record: &ScheduleRecord) -> Result<(), SchedulerError> {
         self.remove_indexes(id, record)?;
+        self.releases.remove(id)?;
         self.schedules.remove(id)?;
         Ok(())
     }
