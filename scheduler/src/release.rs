@@ -100,15 +100,54 @@ struct WaitingFirings {
 }
 
 impl Releaser {
+    /// Runs the loop as a pipeline of two batches. While the tasks of one batch are
+    /// enqueued, a single transaction records the batch before it and claims the batch
+    /// after it, so the broker and the scheduler's store work at the same time.
     async fn run(&self) {
-        let mut finished = Vec::new();
+        // Releases whose tasks were enqueued, recorded by the next cycle.
+        let mut finished: Vec<schedules::Finished> = Vec::new();
+        // Schedules claimed by the last cycle, whose tasks are enqueued next.
+        let mut claimed: Vec<Claimed> = Vec::new();
         while !self.shutdown.is_cancelled() {
-            match self.step(std::mem::take(&mut finished)).await {
-                Ok(Some(next)) => finished = next,
-                Ok(None) => {}
+            let now = now_nanos();
+            let in_flight: HashSet<Id> = claimed.iter().map(|schedule| schedule.id).collect();
+            let recorded: Vec<(i64, Id)> = finished
+                .iter()
+                .map(|(schedule, _)| (schedule.due, schedule.id))
+                .collect();
+            let to_record = std::mem::take(&mut finished);
+            let (cycle, outcomes) = tokio::join!(
+                self.cycle(to_record, in_flight, now),
+                self.enqueue(&claimed)
+            );
+
+            let enqueued = std::mem::take(&mut claimed);
+            match outcomes {
+                Some(outcomes) => {
+                    self.pause_after_enqueue(&enqueued).await;
+                    finished = enqueued.into_iter().zip(outcomes).collect();
+                }
+                None => tracing::info!(
+                    schedules = enqueued.len(),
+                    "shutdown while the broker was unreachable; the release resumes at the next start"
+                ),
+            }
+            match cycle {
+                Ok(cycle) => {
+                    self.forget_waiting(&recorded);
+                    claimed = cycle.claimed;
+                    self.waiting
+                        .lock()
+                        .expect("the waiting log is not poisoned")
+                        .logged
+                        .extend(claimed.iter().map(|schedule| (schedule.due, schedule.id)));
+                    if claimed.is_empty() && finished.is_empty() {
+                        self.idle(now, cycle.earliest_due).await;
+                    }
+                }
                 Err(err) => {
-                    // The releases in progress stay stored, so the next step claims them
-                    // again and enqueues the same idempotency keys.
+                    // The releases stay stored, so a later cycle claims them again and
+                    // their tasks are enqueued with the same idempotency keys.
                     tracing::error!(error = %err, "release loop failed; retrying in 1s");
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -117,95 +156,93 @@ impl Releaser {
                 }
             }
         }
-        if !finished.is_empty() {
-            let retention = self.schedules.retention;
-            let recorded = finished.len();
-            let result = self
-                .schedules
-                .writer
-                .run(move |tables| {
-                    for (claimed, outcomes) in &finished {
-                        schedules::record(tables, claimed, outcomes, retention)?;
-                    }
-                    Ok(())
-                })
-                .await;
-            match result {
-                Ok(()) => tracing::info!(
-                    schedules = recorded,
-                    "recorded the last release before shutdown"
-                ),
-                Err(err) => tracing::error!(
-                    error = %err,
-                    schedules = recorded,
-                    "cannot record the last release before shutdown; it is enqueued again at the next start"
-                ),
-            }
-        }
+        self.record_last(finished).await;
     }
 
-    /// Records the releases of `finished` and claims the schedules due now in one
-    /// transaction, then enqueues their tasks, or sleeps until the next one is due.
-    /// Returns the releases to record in the next step.
-    async fn step(
+    /// Records the releases of `finished` and claims up to a batch of the schedules that
+    /// are due at `now`, other than those of `in_flight`, in one transaction.
+    async fn cycle(
         &self,
         finished: Vec<schedules::Finished>,
-    ) -> Result<Option<Vec<schedules::Finished>>, crate::error::SchedulerError> {
-        let now = now_nanos();
+        in_flight: HashSet<Id>,
+        now: i64,
+    ) -> Result<schedules::Cycle, crate::error::SchedulerError> {
         let threshold = self.config.misfire_threshold;
         let limit = self.config.batch;
         let retention = self.schedules.retention;
-        let recorded: Vec<(i64, Id)> = finished
-            .iter()
-            .map(|(schedule, _)| (schedule.due, schedule.id))
-            .collect();
-        let cycle = self
+        self.schedules
+            .writer
+            .run(move |tables| {
+                schedules::cycle(
+                    tables, &finished, &in_flight, now, threshold, limit, retention,
+                )
+            })
+            .await
+    }
+
+    /// Purges expired schedules, then sleeps until `earliest_due`, a change of the
+    /// schedules, or shutdown.
+    async fn idle(&self, now: i64, earliest_due: Option<i64>) {
+        if let Err(err) = self.purge_expired(now).await {
+            tracing::warn!(error = %err, "cannot delete expired one-shot schedules");
+        }
+        let sleep = match earliest_due {
+            Some(time) => Duration::from_nanos(time.saturating_sub(now).max(0) as u64),
+            None => MAX_SLEEP,
+        };
+        tokio::select! {
+            () = tokio::time::sleep(sleep.min(MAX_SLEEP)) => {}
+            () = self.schedules.wake.notified() => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+
+    /// Waits between an enqueue and its record when the test hook asks for it.
+    async fn pause_after_enqueue(&self, enqueued: &[Claimed]) {
+        let Some(pause) = self.config.pause_after_enqueue else {
+            return;
+        };
+        if enqueued.is_empty() {
+            return;
+        }
+        for schedule in enqueued {
+            tracing::warn!(
+                schedule_id = %Uuid::from_u128(schedule.id),
+                pause_ms = pause.as_millis() as u64,
+                "test hook: paused between enqueue and record"
+            );
+        }
+        tokio::time::sleep(pause).await;
+    }
+
+    /// Records the releases that were enqueued before shutdown.
+    async fn record_last(&self, finished: Vec<schedules::Finished>) {
+        if finished.is_empty() {
+            return;
+        }
+        let retention = self.schedules.retention;
+        let recorded = finished.len();
+        let result = self
             .schedules
             .writer
             .run(move |tables| {
-                schedules::cycle(tables, &finished, now, threshold, limit, retention)
+                for (claimed, outcomes) in &finished {
+                    schedules::record(tables, claimed, outcomes, retention)?;
+                }
+                Ok(())
             })
-            .await?;
-        self.forget_waiting(&recorded);
-
-        let claimed = cycle.claimed;
-        if claimed.is_empty() {
-            self.purge_expired(now).await?;
-            let sleep = match cycle.earliest_due {
-                Some(time) => Duration::from_nanos(time.saturating_sub(now).max(0) as u64),
-                None => MAX_SLEEP,
-            };
-            tokio::select! {
-                () = tokio::time::sleep(sleep.min(MAX_SLEEP)) => {}
-                () = self.schedules.wake.notified() => {}
-                () = self.shutdown.cancelled() => {}
-            }
-            return Ok(None);
+            .await;
+        match result {
+            Ok(()) => tracing::info!(
+                schedules = recorded,
+                "recorded the last release before shutdown"
+            ),
+            Err(err) => tracing::error!(
+                error = %err,
+                schedules = recorded,
+                "cannot record the last release before shutdown; it is enqueued again at the next start"
+            ),
         }
-
-        self.waiting
-            .lock()
-            .expect("the waiting log is not poisoned")
-            .logged
-            .extend(claimed.iter().map(|schedule| (schedule.due, schedule.id)));
-        let Some(outcomes) = self.enqueue(&claimed).await else {
-            tracing::info!(
-                schedules = claimed.len(),
-                "shutdown while the broker was unreachable; the release resumes at the next start"
-            );
-            return Ok(None);
-        };
-        if let Some(pause) = self.config.pause_after_enqueue {
-            for schedule in &claimed {
-                tracing::warn!(
-                    schedule_id = %Uuid::from_u128(schedule.id),
-                    pause_ms = pause.as_millis() as u64,
-                    "test hook: paused between enqueue and record"
-                );
-            }
-            tokio::time::sleep(pause).await;
-        }
-        Ok(Some(claimed.into_iter().zip(outcomes).collect()))
     }
 
     /// Forgets the waiting firings of releases that were recorded.
@@ -242,6 +279,9 @@ impl Releaser {
     /// returns the outcomes per schedule. Returns `None` if shutdown began while the
     /// broker could not be reached.
     async fn enqueue(&self, claimed: &[Claimed]) -> Option<Vec<Vec<FireOutcomeRecord>>> {
+        if claimed.is_empty() {
+            return Some(Vec::new());
+        }
         let mut outcomes = vec![Vec::new(); claimed.len()];
         // Each firing as (index of its schedule in `claimed`, fire time), and its task.
         let mut firings = Vec::new();

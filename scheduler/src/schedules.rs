@@ -1,6 +1,7 @@
 //! The operations of the Scheduler service on stored schedules: validation, and each
 //! change as one write of the [`Writer`].
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -561,10 +562,12 @@ pub struct Cycle {
 }
 
 /// Runs one step of the release loop in a single transaction: records the releases of
-/// `finished`, then claims up to `limit` schedules that are due at `now`.
+/// `finished`, then claims up to `limit` schedules that are due at `now`, other than those
+/// of `in_flight`, whose tasks are being enqueued.
 pub fn cycle(
     tables: &mut Tables<'_>,
     finished: &[Finished],
+    in_flight: &HashSet<Id>,
     now: i64,
     threshold: i64,
     limit: usize,
@@ -573,7 +576,9 @@ pub fn cycle(
     for (claimed, outcomes) in finished {
         record(tables, claimed, outcomes, retention)?;
     }
-    let due = tables.due(now, limit)?;
+    let mut due = tables.due(now, limit + in_flight.len())?;
+    due.retain(|(_, id)| !in_flight.contains(id));
+    due.truncate(limit);
     let claimed = claim(tables, &due, now, threshold)?;
     Ok(Cycle {
         claimed,

@@ -56,7 +56,17 @@ async fn claim_at(schedules: &Schedules, now: i64) -> Vec<Claimed> {
     let retention = schedules.retention;
     schedules
         .writer
-        .run(move |tables| cycle(tables, &[], now, NANOS_PER_SECOND, 100, retention))
+        .run(move |tables| {
+            cycle(
+                tables,
+                &[],
+                &HashSet::new(),
+                now,
+                NANOS_PER_SECOND,
+                100,
+                retention,
+            )
+        })
         .await
         .expect("claim commits")
         .claimed
