@@ -84,10 +84,18 @@ async fn report(
     if *reachable == Some(serving) {
         return;
     }
-    *reachable = Some(serving);
+    let previous = reachable.replace(serving);
     let status = if serving {
         tracing::info!(broker, "the broker is reachable; scheduler serving");
         ServingStatus::Serving
+    } else if previous.is_none() {
+        // At start-up the broker is often still starting too.
+        tracing::info!(
+            broker,
+            reason,
+            "waiting for the broker; scheduler not serving yet"
+        );
+        ServingStatus::NotServing
     } else {
         tracing::warn!(
             broker,
