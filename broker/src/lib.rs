@@ -10,6 +10,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
+pub mod process;
 pub mod retry;
 pub mod settings;
 pub mod store;

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow};
 use docket_proto::v1::scheduler_client::SchedulerClient;
 use docket_proto::v1::{
-    CronRule, Delivery, GetScheduleRequest, IntervalRule, PreviewScheduleRequest, Recurrence,
-    Schedule, recurrence,
+    CronRule, Delivery, GetScheduleRequest, IntervalRule, NewTask, PreviewScheduleRequest,
+    QueueStats, Recurrence, Schedule, ScheduleTaskRequest, recurrence, schedule_task_request,
 };
 use tonic::transport::Channel;
 
@@ -203,4 +203,58 @@ pub async fn preview(
         .iter()
         .map(system_time)
         .collect())
+}
+
+/// Returns the first whole second of Unix time at or after `time`.
+pub fn whole_second_at_or_after(time: SystemTime) -> SystemTime {
+    let since_epoch = time
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after the Unix epoch");
+    let mut seconds = since_epoch.as_secs();
+    if since_epoch.subsec_nanos() > 0 {
+        seconds += 1;
+    }
+    UNIX_EPOCH + Duration::from_secs(seconds)
+}
+
+/// Returns the last whole second of Unix time at or before `time`.
+pub fn whole_second_at_or_before(time: SystemTime) -> SystemTime {
+    let since_epoch = time
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after the Unix epoch");
+    UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs())
+}
+
+/// Sleeps until the wall clock reaches `time`.
+pub async fn sleep_until(time: SystemTime) {
+    if let Ok(remaining) = time.duration_since(SystemTime::now()) {
+        tokio::time::sleep(remaining).await;
+    }
+}
+
+/// Returns the number of tasks of a queue in any state.
+pub fn total_tasks(stats: &QueueStats) -> u64 {
+    stats.pending + stats.retry_wait + stats.leased + stats.dead + stats.succeeded + stats.cancelled
+}
+
+/// Schedules `task` as a one-shot schedule due at `due_time` and returns the new schedule.
+pub async fn schedule_at(
+    client: &mut SchedulerClient<Channel>,
+    task: NewTask,
+    due_time: SystemTime,
+) -> Result<Schedule> {
+    let request = ScheduleTaskRequest {
+        task: Some(task),
+        due: Some(schedule_task_request::Due::DueTime(proto_timestamp(
+            due_time,
+        ))),
+    };
+    let response = within(WAIT, "ScheduleTask", async {
+        Ok(client.schedule_task(request).await?)
+    })
+    .await?;
+    response
+        .into_inner()
+        .schedule
+        .context("ScheduleTask returned no schedule")
 }

@@ -3,20 +3,17 @@
 //! it releases each task exactly once and reports SERVING again.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
-use docket_proto::v1::scheduler_client::SchedulerClient;
-use docket_proto::v1::{
-    NewTask, QueueStats, Schedule, ScheduleState, ScheduleTaskRequest, schedule_task_request,
-};
+use docket_proto::v1::ScheduleState;
 use docket_tests::{
     BrokerProcess, QUIET, SCHEDULE_ID_HEADER, SCHEDULER_SERVICE, SchedulerProcess, ServingStatus,
-    Subscription, WAIT, ack, delivered_fire_time, delivered_task_id, format_utc, get_schedule,
-    get_task, header, new_task, proto_timestamp, schedule_idempotency_key, system_time, temp_dir,
-    wait_for_schedule, wait_for_stats, within,
+    Subscription, ack, delivered_fire_time, delivered_task_id, format_utc, get_schedule, get_task,
+    header, new_task, schedule_idempotency_key, system_time, temp_dir, wait_for_schedule,
+    wait_for_stats,
 };
-use tonic::transport::Channel;
+use docket_tests::{schedule_at, sleep_until, total_tasks, whole_second_at_or_after};
 
 const QUEUE: &str = "broker-down";
 
@@ -26,52 +23,6 @@ const LEAD: Duration = Duration::from_secs(2);
 
 /// Time the test waits past the last due time before it checks that nothing fired.
 const PAST_DUE: Duration = Duration::from_secs(1);
-
-/// Returns the first whole second of Unix time at or after `time`.
-fn whole_second_at_or_after(time: SystemTime) -> SystemTime {
-    let since_epoch = time
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after the Unix epoch");
-    let mut seconds = since_epoch.as_secs();
-    if since_epoch.subsec_nanos() > 0 {
-        seconds += 1;
-    }
-    UNIX_EPOCH + Duration::from_secs(seconds)
-}
-
-/// Sleeps until the wall clock reaches `time`.
-async fn sleep_until(time: SystemTime) {
-    if let Ok(remaining) = time.duration_since(SystemTime::now()) {
-        tokio::time::sleep(remaining).await;
-    }
-}
-
-/// Returns the number of tasks of a queue in any state.
-fn total_tasks(stats: &QueueStats) -> u64 {
-    stats.pending + stats.retry_wait + stats.leased + stats.dead + stats.succeeded + stats.cancelled
-}
-
-/// Schedules `task` as a one-shot schedule due at `due_time` and returns the new schedule.
-async fn schedule_at(
-    client: &mut SchedulerClient<Channel>,
-    task: NewTask,
-    due_time: SystemTime,
-) -> Result<Schedule> {
-    let request = ScheduleTaskRequest {
-        task: Some(task),
-        due: Some(schedule_task_request::Due::DueTime(proto_timestamp(
-            due_time,
-        ))),
-    };
-    let response = within(WAIT, "ScheduleTask", async {
-        Ok(client.schedule_task(request).await?)
-    })
-    .await?;
-    response
-        .into_inner()
-        .schedule
-        .context("ScheduleTask returned no schedule")
-}
 
 /// Returns the first line of `stderr` that reports a retry, names one of `schedule_ids`
 /// and gives the error.

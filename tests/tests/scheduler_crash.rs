@@ -2,21 +2,19 @@
 //! recorded: the restarted scheduler fires again with the same idempotency key, and the
 //! broker keeps exactly one task for the firing.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use docket_proto::v1::broker_client::BrokerClient;
 use docket_proto::v1::scheduler_client::SchedulerClient;
-use docket_proto::v1::{
-    CreateScheduleRequest, Delivery, NewTask, QueueStats, Schedule, ScheduleState,
-    ScheduleTaskRequest, schedule_task_request,
-};
+use docket_proto::v1::{CreateScheduleRequest, Delivery, ScheduleState};
 use docket_tests::{
     BrokerProcess, QUIET, SCHEDULE_ID_HEADER, SCHEDULE_NAME_HEADER, SchedulerProcess, Subscription,
     WAIT, delivered_fire_time, delivered_task_id, format_utc, get_schedule, get_task, header,
-    interval_recurrence, new_task, proto_timestamp, queue_stats, schedule_idempotency_key,
-    system_time, temp_dir, wait_for_schedule, wait_for_stats, within,
+    interval_recurrence, new_task, queue_stats, schedule_idempotency_key, system_time, temp_dir,
+    wait_for_schedule, wait_for_stats, within,
 };
+use docket_tests::{schedule_at, total_tasks, whole_second_at_or_before};
 use tonic::transport::Channel;
 
 /// Test hook of the scheduler: after a firing's Enqueue succeeded, it logs
@@ -30,41 +28,6 @@ const PAUSE_LOG: &str = "paused between enqueue and record";
 /// Interval of the recurring schedule. It is long, so that only its first fire time falls
 /// within the test.
 const RECURRING_INTERVAL: Duration = Duration::from_secs(3600);
-
-/// Returns the last whole second of Unix time at or before `time`.
-fn whole_second_at_or_before(time: SystemTime) -> SystemTime {
-    let since_epoch = time
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after the Unix epoch");
-    UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs())
-}
-
-/// Returns the number of tasks of a queue in any state.
-fn total_tasks(stats: &QueueStats) -> u64 {
-    stats.pending + stats.retry_wait + stats.leased + stats.dead + stats.succeeded + stats.cancelled
-}
-
-/// Schedules `task` as a one-shot schedule due at `due_time` and returns the new schedule.
-async fn schedule_at(
-    client: &mut SchedulerClient<Channel>,
-    task: NewTask,
-    due_time: SystemTime,
-) -> Result<Schedule> {
-    let request = ScheduleTaskRequest {
-        task: Some(task),
-        due: Some(schedule_task_request::Due::DueTime(proto_timestamp(
-            due_time,
-        ))),
-    };
-    let response = within(WAIT, "ScheduleTask", async {
-        Ok(client.schedule_task(request).await?)
-    })
-    .await?;
-    response
-        .into_inner()
-        .schedule
-        .context("ScheduleTask returned no schedule")
-}
 
 /// Waits for the paused firing of `schedule_id`, and checks that the broker already
 /// contains its task while the scheduler has not recorded the firing.

@@ -10,15 +10,15 @@ use docket_proto::v1::broker_client::BrokerClient;
 use docket_proto::v1::scheduler_client::SchedulerClient;
 use docket_proto::v1::subscribe_response::Event;
 use docket_proto::v1::{
-    CreateScheduleRequest, Delivery, MissedRunPolicy, NewTask, QueueStats, Schedule, ScheduleKind,
-    ScheduleState, ScheduleTaskRequest, schedule_task_request,
+    CreateScheduleRequest, Delivery, MissedRunPolicy, Schedule, ScheduleKind, ScheduleState,
 };
 use docket_tests::{
     BrokerProcess, QUIET, SCHEDULE_ID_HEADER, SCHEDULE_NAME_HEADER, SchedulerProcess, Subscription,
     WAIT, ack, delivered_fire_time, delivered_task_id, format_utc, get_task, header,
-    interval_recurrence, new_task, proto_timestamp, queue_stats, schedule_idempotency_key,
-    system_time, temp_dir, wait_for_schedule, wait_for_stats, within,
+    interval_recurrence, new_task, queue_stats, schedule_idempotency_key, system_time, temp_dir,
+    wait_for_schedule, wait_for_stats, within,
 };
+use docket_tests::{schedule_at, sleep_until, total_tasks, whole_second_at_or_after};
 use tonic::transport::Channel;
 
 #[derive(Clone, Copy, Debug)]
@@ -94,58 +94,12 @@ const POLICY_CASES: [PolicyCase; 3] = [
     },
 ];
 
-/// Returns the first whole second of Unix time at or after `time`.
-fn whole_second_at_or_after(time: SystemTime) -> SystemTime {
-    let since_epoch = time
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after the Unix epoch");
-    let mut seconds = since_epoch.as_secs();
-    if since_epoch.subsec_nanos() > 0 {
-        seconds += 1;
-    }
-    UNIX_EPOCH + Duration::from_secs(seconds)
-}
-
 /// Returns the first whole second of Unix time strictly after `time`.
 fn whole_second_after(time: SystemTime) -> SystemTime {
     let since_epoch = time
         .duration_since(UNIX_EPOCH)
         .expect("the clock is after the Unix epoch");
     UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs() + 1)
-}
-
-/// Sleeps until the wall clock reaches `time`.
-async fn sleep_until(time: SystemTime) {
-    if let Ok(remaining) = time.duration_since(SystemTime::now()) {
-        tokio::time::sleep(remaining).await;
-    }
-}
-
-/// Returns the number of tasks of a queue in any state.
-fn total_tasks(stats: &QueueStats) -> u64 {
-    stats.pending + stats.retry_wait + stats.leased + stats.dead + stats.succeeded + stats.cancelled
-}
-
-/// Schedules `task` as a one-shot schedule due at `due_time` and returns the new schedule.
-async fn schedule_at(
-    client: &mut SchedulerClient<Channel>,
-    task: NewTask,
-    due_time: SystemTime,
-) -> Result<Schedule> {
-    let request = ScheduleTaskRequest {
-        task: Some(task),
-        due: Some(schedule_task_request::Due::DueTime(proto_timestamp(
-            due_time,
-        ))),
-    };
-    let response = within(WAIT, "ScheduleTask", async {
-        Ok(client.schedule_task(request).await?)
-    })
-    .await?;
-    response
-        .into_inner()
-        .schedule
-        .context("ScheduleTask returned no schedule")
 }
 
 /// A one-shot schedule created before the stop, and what its task must look like.

@@ -4,30 +4,17 @@
 use std::time::SystemTime;
 
 use anyhow::{Context, Result};
-use docket_proto::v1::{ScheduleState, ScheduleTaskRequest, schedule_task_request};
+use docket_proto::v1::ScheduleState;
 use docket_tests::{
     BrokerProcess, QUIET, SchedulerProcess, Subscription, WAIT, delivered_task_id, get_schedule,
-    new_task, proto_timestamp, queue_stats, temp_dir, wait_for_schedule, within,
+    new_task, queue_stats, schedule_at, temp_dir, wait_for_schedule, within,
 };
 
 /// Schedules a one-shot task into `queue`, due at once, and returns the schedule id.
 async fn schedule_now(scheduler: &SchedulerProcess, queue: &str) -> Result<String> {
     let mut client = scheduler.client().await?;
-    let request = ScheduleTaskRequest {
-        task: Some(new_task(queue, "report", "shutdown")),
-        due: Some(schedule_task_request::Due::DueTime(proto_timestamp(
-            SystemTime::now(),
-        ))),
-    };
-    let response = within(WAIT, "ScheduleTask", async {
-        Ok(client.schedule_task(request).await?)
-    })
-    .await?;
-    let schedule = response
-        .into_inner()
-        .schedule
-        .context("ScheduleTask returned no schedule")?;
-    Ok(schedule.id)
+    let task = new_task(queue, "report", "shutdown");
+    Ok(schedule_at(&mut client, task, SystemTime::now()).await?.id)
 }
 
 #[tokio::test(flavor = "multi_thread")]
