@@ -191,14 +191,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         }
     });
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(docket_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the compiled descriptor set is valid");
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(docket_proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .expect("the compiled descriptor set is valid");
+    let (reflection, reflection_alpha) = process::reflection_services(HEALTH_SERVICE_NAME);
     let service = BrokerServer::new(grpc::BrokerService::new(Arc::clone(&broker)))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);

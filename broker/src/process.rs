@@ -1,8 +1,14 @@
-//! Process set-up that Docket's service binaries share: logging and shutdown signals.
+//! Set-up that Docket's service binaries share: logging, shutdown signals, and server
+//! reflection.
 
 use std::io::IsTerminal;
 
 use tokio_util::sync::CancellationToken;
+use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
+use tonic_reflection::server::v1alpha::{
+    ServerReflection as AlphaServerReflection,
+    ServerReflectionServer as AlphaServerReflectionServer,
+};
 use tracing_subscriber::EnvFilter;
 
 /// Sets up logging to stderr, with the filter from `DOCKET_LOG` (default `info`) and
@@ -36,3 +42,39 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
     tracing::info!("shutdown signal received");
     shutdown.cancel();
 }
+
+/// Builds the gRPC server reflection services, v1 and v1alpha, of a server that serves
+/// `service` beside health checking and reflection. They describe every message of
+/// Docket's contract and advertise only the services this server answers.
+pub fn reflection_services(
+    service: &str,
+) -> (
+    ServerReflectionServer<impl ServerReflection>,
+    AlphaServerReflectionServer<impl AlphaServerReflection>,
+) {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(docket_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(service)
+            .with_service_name(HEALTH_SERVICE)
+    };
+    let v1 = builder()
+        .with_service_name(REFLECTION_SERVICE)
+        .build_v1()
+        .expect("the compiled descriptor sets are valid");
+    let v1alpha = builder()
+        .with_service_name(ALPHA_REFLECTION_SERVICE)
+        .build_v1alpha()
+        .expect("the compiled descriptor sets are valid");
+    (v1, v1alpha)
+}
+
+/// Name of the gRPC health service.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Name of the gRPC server reflection service, version 1.
+const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
+
+/// Name of the gRPC server reflection service, version 1alpha.
+const ALPHA_REFLECTION_SERVICE: &str = "grpc.reflection.v1alpha.ServerReflection";

@@ -135,14 +135,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     health
         .set_service_status(HEALTH_SERVICE_NAME, ServingStatus::NotServing)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(docket_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the compiled descriptor set is valid");
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(docket_proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .expect("the compiled descriptor set is valid");
+    let (reflection, reflection_alpha) =
+        docket_broker::process::reflection_services(HEALTH_SERVICE_NAME);
 
     let ready = Arc::new(OnceLock::new());
     let service = SchedulerServer::new(grpc::SchedulerService::new(Arc::clone(&ready)))
