@@ -36,8 +36,8 @@ pub struct Config {
     #[arg(long, env = "DOCKET_BROKER", default_value = "http://127.0.0.1:7070")]
     pub broker: String,
 
-    /// A recurring schedule's fire time that is later than this when the scheduler gets to
-    /// it, because the scheduler was down or the broker unreachable, is a missed run and
+    /// A recurring schedule's fire time that the scheduler reaches more than this late,
+    /// because the scheduler was down or the broker unreachable, is a missed run and
     /// follows the schedule's missed-run policy.
     #[arg(long, env = "DOCKET_SCHEDULER_MISFIRE_THRESHOLD", default_value = "1m", value_parser = parse_duration)]
     pub misfire_threshold: Duration,

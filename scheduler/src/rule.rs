@@ -131,10 +131,11 @@ fn parse_cron(field: &str, wire: &v1::CronRule) -> Result<Rule, SchedulerError> 
             SchedulerError::invalid(
                 format!("{field}.expression"),
                 format!(
-                    "invalid cron expression {:?}: {err}; use six fields, \
+                    "invalid cron expression {:?}: {}. Use six fields, \
                      \"second minute hour day-of-month month day-of-week\", such as \
-                     \"0 */5 * * * *\"",
-                    wire.expression
+                     \"0 */5 * * * *\", and optionally a year",
+                    wire.expression,
+                    err.to_string().trim_end_matches('.')
                 ),
             )
         })?;

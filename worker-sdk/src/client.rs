@@ -109,6 +109,51 @@ impl Client {
     /// Returns the generated gRPC client of the scheduler, for calls that this type does
     /// not wrap, such as recurring schedules.
     ///
+    /// ```no_run
+    /// use docket::proto::{
+    ///     CreateScheduleRequest, CronRule, GetScheduleRequest, MissedRunPolicy, Recurrence,
+    ///     recurrence,
+    /// };
+    /// use docket::{Client, Task};
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = Client::connect("http://127.0.0.1:7070")
+    ///     .await?
+    ///     .with_scheduler("http://127.0.0.1:7071")?;
+    /// let mut scheduler = client.scheduler_grpc()?;
+    ///
+    /// // The nightly report at 02:00 Berlin time, once after a night the scheduler missed.
+    /// let recurrence = Recurrence {
+    ///     rule: Some(recurrence::Rule::Cron(CronRule {
+    ///         expression: "0 0 2 * * *".into(),
+    ///         time_zone: "Europe/Berlin".into(),
+    ///     })),
+    ///     missed_runs: MissedRunPolicy::RunOnce.into(),
+    ///     max_missed_runs: 0,
+    /// };
+    /// let task = Task::new("reports", "nightly_report").payload("sales");
+    /// scheduler
+    ///     .create_schedule(CreateScheduleRequest {
+    ///         name: "nightly-report".into(),
+    ///         recurrence: Some(recurrence),
+    ///         task: Some(task.into()),
+    ///         paused: false,
+    ///     })
+    ///     .await?;
+    ///
+    /// let schedule = scheduler
+    ///     .get_schedule(GetScheduleRequest {
+    ///         name: "nightly-report".into(),
+    ///         ..Default::default()
+    ///     })
+    ///     .await?
+    ///     .into_inner()
+    ///     .schedule;
+    /// println!("next run: {:?}", schedule.and_then(|schedule| schedule.next_fire_time));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     ///
     /// Returns [`Error::SchedulerNotConfigured`] if the client has no scheduler address.

@@ -65,6 +65,9 @@ pub use crate::task::Task;
 pub use crate::worker::{Worker, WorkerBuilder};
 
 pub use bytes::Bytes;
+/// Protobuf well-known types, such as `Timestamp` and `Duration`, used by the messages of
+/// [`proto`].
+pub use prost_types;
 
 /// The generated wire types of package `docket.v1`, such as [`proto::TaskStatus`] that
 /// [`Client::get_task`] returns.

@@ -71,6 +71,9 @@ impl Client {
 
     /// Schedules `task` to be enqueued once `delay` has passed and returns the schedule.
     ///
+    /// The broker assigns the task id only at release; the scheduler's `GetSchedule`, through
+    /// [`Client::scheduler_grpc`], returns it then as `last_outcome.task_id`.
+    ///
     /// The delay counts from the moment the scheduler receives the call, by its own
     /// clock, so a skewed client clock does not shift it. The scheduler accepts delays of
     /// at most 100 years. The client needs the scheduler's address from

@@ -407,3 +407,23 @@ fn rfc3339_shows_fractions_only_when_present() {
         "2027-03-28T01:00:00.250Z"
     );
 }
+
+#[test]
+fn list_in_hour_fields_follows_wall_clock() {
+    // A list makes "0 0,30 2 * * *" a wall-clock rule, not a fixed time: it skips the
+    // spring gap and fires in both passes of the repeated hour in autumn.
+    let rule = cron("0 0,30 2 * * *", "Europe/Berlin");
+    assert_eq!(
+        fire_times(&rule, "2027-03-27T12:00:00Z", "2027-03-29T12:00:00Z"),
+        ["2027-03-29T00:00:00Z", "2027-03-29T00:30:00Z"]
+    );
+    assert_eq!(
+        fire_times(&rule, "2027-10-30T12:00:00Z", "2027-10-31T12:00:00Z"),
+        [
+            "2027-10-31T00:00:00Z",
+            "2027-10-31T00:30:00Z",
+            "2027-10-31T01:00:00Z",
+            "2027-10-31T01:30:00Z",
+        ]
+    );
+}
