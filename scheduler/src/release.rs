@@ -28,11 +28,11 @@ use crate::store::Id;
 /// due, so that a jump of the system clock delays no firing by more than this.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
-/// Largest encoded size of one Enqueue request, well below the broker's message limit.
+/// Maximum encoded size of one Enqueue request, well below the broker's message limit.
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Maximum number of firings logged one by one as waiting during one broker outage. Past
-/// it, the retry lines still count the waiting firings of each attempt.
+/// it, the retry lines still give the number of tasks of the batch being retried.
 const MAX_LOGGED_WAITING: usize = 10_000;
 
 /// First delay before an enqueue is retried after the broker could not be reached.
@@ -41,10 +41,10 @@ const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// Header that names the schedule a released task came from.
 pub const SCHEDULE_ID_HEADER: &str = "docket-schedule-id";
 
-/// Header that holds the name of the recurring schedule a released task came from.
+/// Header that contains the name of the recurring schedule a released task came from.
 pub const SCHEDULE_NAME_HEADER: &str = "docket-schedule-name";
 
-/// Header that holds the fire time a released task is for, in RFC 3339.
+/// Header that contains the fire time a released task is for, in RFC 3339.
 pub const FIRE_TIME_HEADER: &str = "docket-fire-time";
 
 /// Settings of the release loop.
@@ -52,7 +52,7 @@ pub const FIRE_TIME_HEADER: &str = "docket-fire-time";
 pub struct ReleaseConfig {
     /// Fire times later than this, in nanoseconds, are missed runs.
     pub misfire_threshold: i64,
-    /// Most schedules claimed at once, and most tasks in one Enqueue request.
+    /// Maximum number of schedules claimed at once, and of tasks in one Enqueue request.
     pub batch: usize,
     /// Maximum delay between two attempts to reach the broker.
     pub max_retry_delay: Duration,
