@@ -5,14 +5,14 @@ use std::time::Duration;
 use docket_proto::v1::broker_client::BrokerClient;
 use docket_proto::v1::scheduler_client::SchedulerClient;
 use docket_proto::v1::{
-    AckRequest, Acknowledgement, EnqueueRequest, GetTaskRequest, NackRequest,
+    AckRequest, Acknowledgement, CancelTaskRequest, EnqueueRequest, GetTaskRequest, NackRequest,
     NegativeAcknowledgement, NewTask, SettleResult, SubscribeRequest, SubscribeResponse, TaskState,
-    TaskStatus,
+    TaskStatus, WatchTaskRequest,
 };
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::Error;
+use crate::{Error, TaskWatch};
 
 /// Time allowed to establish a TCP connection to the broker or the scheduler.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -229,6 +229,115 @@ impl Client {
         response
             .status
             .ok_or_else(|| Error::InvalidResponse("GetTask returned no status".to_owned()))
+    }
+
+    /// Streams the status of a task: first its current status, then one item per state
+    /// change, until the task reaches a final state (SUCCEEDED, DEAD or CANCELLED).
+    ///
+    /// The stream ends after the item with the final state. If the task is final
+    /// already, that is the only item. An error item also ends the stream:
+    ///
+    /// - [`Error::Status`] with [`tonic::Code::Unavailable`] when the broker shuts down,
+    /// - [`Error::Status`] with [`tonic::Code::ResourceExhausted`] when this watcher
+    ///   falls behind the task's changes,
+    /// - [`Error::Status`] with another code when the connection breaks,
+    /// - [`Error::InvalidResponse`] when the broker closes the stream before a final
+    ///   state.
+    ///
+    /// Calling `watch_task` again resumes with the current status.
+    ///
+    /// [`TaskWatch`] implements `Stream`, so `StreamExt::next` from `tokio-stream` or
+    /// `futures` reads it, for example to wait until a task finishes:
+    ///
+    /// ```no_run
+    /// use docket::{Client, Task, TaskState};
+    /// use tokio_stream::StreamExt;
+    ///
+    /// # async fn example() -> Result<(), docket::Error> {
+    /// let client = Client::connect("http://127.0.0.1:7070").await?;
+    /// let task_id = client
+    ///     .enqueue(Task::new("reports", "build_report").payload("2026-q3"))
+    ///     .await?;
+    ///
+    /// let mut statuses = client.watch_task(&task_id).await?;
+    /// let mut last = None;
+    /// while let Some(status) = statuses.next().await {
+    ///     let status = status?;
+    ///     println!("task {task_id} is {}", status.state().as_str_name());
+    ///     last = Some(status);
+    /// }
+    ///
+    /// if let Some(status) = last
+    ///     && status.state() == TaskState::Succeeded
+    /// {
+    ///     println!("report: {} bytes", status.result.len());
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Status`] with [`tonic::Code::NotFound`] if the id is unknown,
+    /// with [`tonic::Code::InvalidArgument`] if it is not a UUID, or with another code if
+    /// the call fails.
+    pub async fn watch_task(&self, task_id: impl Into<String>) -> Result<TaskWatch, Error> {
+        let task_id = task_id.into();
+        let responses = self
+            .inner
+            .clone()
+            .watch_task(WatchTaskRequest {
+                task_id: task_id.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok(TaskWatch::new(task_id, responses))
+    }
+
+    /// Cancels a task and returns the state the broker reports.
+    ///
+    /// A pending or retry-waiting task is cancelled at once, and the result is
+    /// [`TaskState::Cancelled`]: the task is never delivered again. For a leased task
+    /// the result is [`TaskState::Leased`]. The broker records the request and sends a
+    /// cancel notice to the worker that holds the lease, and the task ends CANCELLED
+    /// unless that worker acks it, which makes it SUCCEEDED. [`Client::watch_task`]
+    /// shows which of the two happens.
+    ///
+    /// ```no_run
+    /// use docket::{Client, TaskState};
+    ///
+    /// # async fn example(task_id: &str) -> Result<(), docket::Error> {
+    /// let client = Client::connect("http://127.0.0.1:7070").await?;
+    /// match client.cancel_task(task_id).await? {
+    ///     TaskState::Cancelled => println!("task {task_id} cancelled"),
+    ///     state => println!("task {task_id} is {}, its worker was notified", state.as_str_name()),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Status`] with [`tonic::Code::NotFound`] if the id is unknown,
+    /// with [`tonic::Code::FailedPrecondition`] if the task is already SUCCEEDED, DEAD or
+    /// CANCELLED, with [`tonic::Code::InvalidArgument`] if the id is not a UUID, or with
+    /// another code if the call fails.
+    pub async fn cancel_task(&self, task_id: impl Into<String>) -> Result<TaskState, Error> {
+        let response = self
+            .inner
+            .clone()
+            .cancel_task(CancelTaskRequest {
+                task_id: task_id.into(),
+            })
+            .await?
+            .into_inner();
+        match TaskState::try_from(response.state) {
+            Ok(TaskState::Unspecified) | Err(_) => Err(Error::InvalidResponse(format!(
+                "CancelTask returned the invalid state {}",
+                response.state
+            ))),
+            Ok(state) => Ok(state),
+        }
     }
 
     /// Opens a Subscribe stream.

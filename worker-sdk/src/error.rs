@@ -2,8 +2,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// An error from talking to the broker or the scheduler, or from configuring a client or
-/// a worker.
+/// An error from talking to the broker or the scheduler, from configuring a client or a
+/// worker, or from encoding or decoding a JSON payload.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -78,6 +78,53 @@ pub enum Error {
     /// A worker was built with an invalid setting, such as no queues.
     #[error("invalid worker configuration: {0}")]
     InvalidConfig(String),
+
+    /// A value that serde_json could not encode as a task payload, returned by
+    /// [`Task::json`](crate::Task::json). Examples are a map with non-string keys or a
+    /// `Serialize` implementation that fails.
+    #[cfg(feature = "json")]
+    #[error("failed to encode the payload of a {kind:?} task for queue {queue:?} as JSON")]
+    EncodeJson {
+        /// The task's queue.
+        queue: String,
+        /// The task's kind.
+        kind: String,
+        /// The serde_json error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A delivered task whose `content-type` header names a type other than JSON,
+    /// returned by [`TaskContext::json`](crate::TaskContext::json).
+    #[cfg(feature = "json")]
+    #[error(
+        "task {task_id} has content type {content_type:?}, expected {}: read other \
+         payloads with TaskContext::payload",
+        crate::json::JSON_CONTENT_TYPE
+    )]
+    UnexpectedContentType {
+        /// The task id.
+        task_id: String,
+        /// The value of the task's `content-type` header.
+        content_type: String,
+    },
+
+    /// A delivered task whose payload is not valid JSON or does not match the requested
+    /// type, returned by [`TaskContext::json`](crate::TaskContext::json).
+    #[cfg(feature = "json")]
+    #[error(
+        "invalid JSON payload in task {task_id} ({})",
+        describe_content_type(content_type.as_deref())
+    )]
+    DecodeJson {
+        /// The task id.
+        task_id: String,
+        /// The value of the task's `content-type` header, or `None` if it has none.
+        content_type: Option<String>,
+        /// The serde_json error, with the line and column of the problem.
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 impl Error {
@@ -105,6 +152,15 @@ fn describe_system_time(time: &SystemTime) -> String {
     match time.duration_since(UNIX_EPOCH) {
         Ok(after) => format!("{after:?} after the Unix epoch"),
         Err(error) => format!("{:?} before the Unix epoch", error.duration()),
+    }
+}
+
+/// Describes a task's `content-type` header for an error message.
+#[cfg(feature = "json")]
+fn describe_content_type(content_type: Option<&str>) -> String {
+    match content_type {
+        Some(content_type) => format!("content type {content_type:?}"),
+        None => "no content-type header".to_owned(),
     }
 }
 

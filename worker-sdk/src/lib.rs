@@ -1,9 +1,17 @@
 //! Client and worker SDK for Docket, a durable task queue.
 //!
-//! A [`Client`] enqueues [`Task`]s and looks them up. A [`Worker`] subscribes to one or
-//! more queues and runs an async handler for each delivered task, a bounded number at
-//! once. It acks the task when the handler returns `Ok` and nacks it when the handler
-//! returns `Err` or panics.
+//! A [`Client`] enqueues [`Task`]s, looks them up, watches their state changes with
+//! [`Client::watch_task`] and cancels them with [`Client::cancel_task`]. A [`Worker`]
+//! subscribes to one or more queues and runs an async handler for each delivered task, a
+//! bounded number at once. It acks the task when the handler returns `Ok` and nacks it
+//! when the handler returns `Err` or panics.
+//!
+//! A payload is raw bytes, set with [`Task::payload`] and read with
+//! [`TaskContext::payload`]. With the `json` feature, which is on by default,
+//! `Task::json` encodes any `serde::Serialize` value and sets the header
+//! `content-type: application/json`, and `TaskContext::json` decodes it. Turn the
+//! feature off (`default-features = false`) to drop the serde and serde_json
+//! dependencies.
 //!
 //! Tasks meant for a later time go through Docket's scheduler, a separate service with its
 //! own address, because the broker only stores tasks that are ready now. A client created
@@ -17,13 +25,25 @@
 //!
 //! # Example
 //!
-//! ```no_run
+#![cfg_attr(feature = "json", doc = "```no_run")]
+#![cfg_attr(not(feature = "json"), doc = "```ignore")]
 //! use docket::{Client, HandlerError, Task, TaskContext, Worker};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Email {
+//!     to: String,
+//!     subject: String,
+//! }
 //!
 //! # async fn example() -> Result<(), docket::Error> {
 //! let client = Client::connect("http://127.0.0.1:7070").await?;
 //!
-//! let task = Task::new("emails", "send_email").payload("zoe@example.com");
+//! let email = Email {
+//!     to: "zoe@example.com".to_owned(),
+//!     subject: "Welcome".to_owned(),
+//! };
+//! let task = Task::new("emails", "send_email").json(&email)?;
 //! let task_id = client.enqueue(task).await?;
 //! println!("enqueued {task_id}");
 //!
@@ -31,8 +51,13 @@
 //!     .queue("emails")
 //!     .concurrency(50)
 //!     .build(|task: TaskContext| async move {
-//!         let recipient = std::str::from_utf8(task.payload())?;
-//!         println!("sending to {recipient}, attempt {}", task.attempt());
+//!         let email: Email = task.json()?;
+//!         println!(
+//!             "sending {:?} to {}, attempt {}",
+//!             email.subject,
+//!             email.to,
+//!             task.attempt()
+//!         );
 //!         Ok::<_, HandlerError>(None)
 //!     })?;
 //!
@@ -52,16 +77,22 @@ mod client;
 mod context;
 mod error;
 mod handler;
+#[cfg(feature = "json")]
+mod json;
 mod schedule;
 mod task;
+mod watch;
 mod worker;
 
 pub use crate::client::Client;
 pub use crate::context::TaskContext;
 pub use crate::error::Error;
 pub use crate::handler::{HandlerError, HandlerResult};
+#[cfg(feature = "json")]
+pub use crate::json::{CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE};
 pub use crate::schedule::ScheduledTask;
 pub use crate::task::Task;
+pub use crate::watch::TaskWatch;
 pub use crate::worker::{Worker, WorkerBuilder};
 
 pub use bytes::Bytes;
