@@ -39,7 +39,12 @@ pub async fn watch_broker(
         let request = HealthCheckRequest {
             service: BROKER_SERVICE_NAME.to_string(),
         };
-        let error = match client.watch(request).await {
+        // A peer that accepts the connection but never answers must not hold up shutdown.
+        let watch = tokio::select! {
+            watch = client.watch(request) => watch,
+            () = shutdown.cancelled() => return,
+        };
+        let error = match watch {
             Ok(response) => {
                 let mut stream = response.into_inner();
                 loop {
