@@ -1,5 +1,5 @@
 //! End-to-end test harness: runs the real `docket-broker` and `docket-scheduler` binaries
-//! on loopback and talks to them over gRPC.
+//! on loopback and talks to them over gRPC, or through the `docket` command line.
 //!
 //! The harness finds binaries in the Cargo target directory of the test executable and
 //! never builds them: run `cargo build --workspace --bins --examples` before the tests.
@@ -94,6 +94,18 @@ pub fn scheduler_binary() -> PathBuf {
     assert!(
         path.is_file(),
         "scheduler binary {} not found: run `cargo build --workspace --bins --examples` first",
+        path.display()
+    );
+    path
+}
+
+/// Returns the path of the `docket` command-line binary, panicking with the build command
+/// if it is missing.
+pub fn cli_binary() -> PathBuf {
+    let path = profile_dir().join(format!("docket{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "docket binary {} not found: run `cargo build --workspace --bins --examples` first",
         path.display()
     );
     path

@@ -1,0 +1,171 @@
+//! The errors of client commands, each with the exit code that scripts rely on.
+
+use std::fmt;
+use std::process::ExitCode;
+
+/// One of the two services that client commands call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Broker,
+    Scheduler,
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            Service::Broker => "broker",
+            Service::Scheduler => "scheduler",
+        })
+    }
+}
+
+/// An error that ends a client command.
+#[derive(Debug)]
+pub enum CliError {
+    /// The service could not be reached at `url`. Exit code 3.
+    Connect {
+        service: Service,
+        url: String,
+        detail: String,
+    },
+    /// The service returned a gRPC status other than OK. Exit code 4 for NOT_FOUND and 1
+    /// for every other code.
+    Status {
+        service: Service,
+        status: tonic::Status,
+    },
+    /// The command line is valid for clap but cannot be used, such as an unreadable
+    /// payload file or a malformed URL. Exit code 2, as clap's own usage errors.
+    Usage(String),
+    /// The service returned a response that breaks the wire contract. Exit code 1.
+    InvalidResponse { service: Service, detail: String },
+}
+
+/// Exit code of a service error other than NOT_FOUND.
+const EXIT_SERVER_ERROR: u8 = 1;
+/// Exit code of a usage error; clap exits with the same code.
+const EXIT_USAGE: u8 = 2;
+/// Exit code when the broker or the scheduler cannot be reached.
+const EXIT_CONNECT: u8 = 3;
+/// Exit code of NOT_FOUND.
+const EXIT_NOT_FOUND: u8 = 4;
+
+impl CliError {
+    /// Wraps a status that `service` returned.
+    pub fn status(service: Service, status: tonic::Status) -> Self {
+        CliError::Status { service, status }
+    }
+
+    /// Converts an SDK error from a call to `service`.
+    pub fn from_sdk(service: Service, error: docket::Error) -> Self {
+        match error {
+            docket::Error::Status(status) => CliError::Status {
+                service,
+                status: *status,
+            },
+            other => CliError::InvalidResponse {
+                service,
+                detail: other.to_string(),
+            },
+        }
+    }
+
+    /// Returns the process exit code for this error.
+    pub fn exit_code(&self) -> ExitCode {
+        let code = match self {
+            CliError::Connect { .. } => EXIT_CONNECT,
+            CliError::Status { status, .. } if status.code() == tonic::Code::NotFound => {
+                EXIT_NOT_FOUND
+            }
+            CliError::Status { .. } | CliError::InvalidResponse { .. } => EXIT_SERVER_ERROR,
+            CliError::Usage(_) => EXIT_USAGE,
+        };
+        ExitCode::from(code)
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CliError::Connect {
+                service,
+                url,
+                detail,
+            } => write!(
+                formatter,
+                "cannot connect to the {service} at {url}: {detail}\n\
+                 is the {service} running? start it with `docket dev`"
+            ),
+            CliError::Status { service, status } => write!(
+                formatter,
+                "the {service} returned {}: {}\n{}",
+                code_name(status.code()),
+                status.message(),
+                hint(*service, status.code())
+            ),
+            CliError::Usage(message) => write!(formatter, "{message}"),
+            CliError::InvalidResponse { service, detail } => write!(
+                formatter,
+                "invalid response from the {service}: {detail}\n\
+                 check that the {service} and this command line are the same version"
+            ),
+        }
+    }
+}
+
+/// Returns the canonical name of a gRPC status code, such as `INVALID_ARGUMENT`.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Returns what the user can do about a status `code` from `service`.
+fn hint(service: Service, code: tonic::Code) -> String {
+    use tonic::Code;
+    match code {
+        Code::InvalidArgument => "fix the value that the message names and retry".to_owned(),
+        Code::NotFound => match service {
+            Service::Broker => "check the id; tasks are deleted after their queue's retention period".to_owned(),
+            Service::Scheduler => "check the name or id; `docket schedule list` lists every schedule".to_owned(),
+        },
+        Code::AlreadyExists => {
+            "choose another name, or delete the existing schedule with `docket schedule delete NAME`"
+                .to_owned()
+        }
+        Code::FailedPrecondition => {
+            "the current state does not allow this change; show it with `docket task get` or `docket schedule get`"
+                .to_owned()
+        }
+        Code::ResourceExhausted => {
+            format!("a limit of the {service} was reached; send less or raise the limit")
+        }
+        Code::Unavailable => {
+            format!("the {service} is starting, stopping or unreachable; retry in a moment")
+        }
+        Code::DeadlineExceeded => {
+            format!("the {service} did not answer in time; check its log and retry")
+        }
+        Code::Unimplemented => {
+            format!("the {service} does not support this call; check that it is up to date")
+        }
+        _ => format!("check the {service}'s log"),
+    }
+}
