@@ -1,22 +1,54 @@
 //! The delivery handed to a task handler.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use docket_proto::v1::{Delivery, Task};
+use tokio::sync::watch;
 
 /// One delivery of a task to a handler: the task, its attempt number and its lease.
 ///
 /// Delivery is at least once, so a handler may see the same task again after a failed
 /// attempt, an expired lease or a broken stream. [`TaskContext::id`] is stable across
 /// attempts and suits as an idempotency key.
+///
+/// # Cancellation
+///
+/// When the task is cancelled with `CancelTask` while this delivery runs, the worker
+/// marks the context as cancelled: [`TaskContext::is_cancelled`] returns `true` and
+/// [`TaskContext::cancelled`] completes. The handler should then stop early and return.
+/// If it returns `Err` or panics, the worker's Nack ends the task CANCELLED. If it
+/// returns `Ok`, the worker's Ack completes the task as SUCCEEDED. The worker does not
+/// abort a handler that ignores the signal.
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// use docket::{HandlerError, HandlerResult, TaskContext};
+///
+/// async fn resize_images(task: TaskContext) -> HandlerResult {
+///     for chunk in 0..100 {
+///         tokio::select! {
+///             () = task.cancelled() => {
+///                 return Err(HandlerError::msg(format!("cancelled at chunk {chunk}")));
+///             }
+///             () = tokio::time::sleep(Duration::from_millis(100)) => {}
+///         }
+///     }
+///     Ok(None)
+/// }
+/// ```
 #[derive(Debug, Clone)]
 pub struct TaskContext {
     task: Task,
     lease_id: String,
     attempt: u32,
     lease_deadline: Option<SystemTime>,
+    /// Set to `true` once the broker reports that the task was cancelled. The context
+    /// owns the sender itself, so the channel never closes while a context exists.
+    cancellation: Arc<watch::Sender<bool>>,
 }
 
 impl TaskContext {
@@ -30,6 +62,7 @@ impl TaskContext {
             lease_id: delivery.lease_id,
             attempt: delivery.attempt,
             lease_deadline,
+            cancellation: Arc::new(watch::Sender::new(false)),
         })
     }
 
@@ -103,9 +136,34 @@ impl TaskContext {
         &self.task
     }
 
+    /// Returns `true` once the broker has reported that the task was cancelled while
+    /// this delivery runs.
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancellation.borrow()
+    }
+
+    /// Waits until the broker reports that the task was cancelled while this delivery
+    /// runs, and completes at once if that happened already. It never completes for a
+    /// task that is not cancelled, so use it in `tokio::select!` next to the work.
+    ///
+    /// The worker learns of a cancellation from the notice the broker sends on the
+    /// Subscribe stream, or from an ExtendLease response. It also reports a lease that
+    /// ExtendLease finds expired or settled, because the attempt can no longer succeed.
+    pub async fn cancelled(&self) {
+        let mut receiver = self.cancellation.subscribe();
+        // `wait_for` fails only when the sender is dropped, and `self` owns it.
+        let _ = receiver.wait_for(|cancelled| *cancelled).await;
+    }
+
     /// Returns the lease id to settle this delivery with.
     pub(crate) fn lease_id(&self) -> &str {
         &self.lease_id
+    }
+
+    /// Returns the sender that marks this delivery as cancelled. Every clone of the
+    /// context shares it.
+    pub(crate) fn cancellation(&self) -> Arc<watch::Sender<bool>> {
+        Arc::clone(&self.cancellation)
     }
 }
 
@@ -155,6 +213,22 @@ mod tests {
         let context = TaskContext::from_delivery(delivery(5, 5)).unwrap();
 
         assert!(context.is_last_attempt());
+    }
+
+    #[tokio::test]
+    async fn cancellation_reaches_every_clone() {
+        let context = TaskContext::from_delivery(delivery(1, 3)).unwrap();
+        let handler_copy = context.clone();
+        assert!(!handler_copy.is_cancelled());
+
+        let waiting = tokio::spawn(async move { handler_copy.cancelled().await });
+        context.cancellation().send_replace(true);
+
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("cancelled() did not complete")
+            .unwrap();
+        assert!(context.is_cancelled());
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -34,25 +35,82 @@ where
 /// implements [`std::error::Error`] converts into it, so `?` works in handlers; use
 /// [`HandlerError::msg`] for a plain message.
 ///
+/// By default the broker retries the task after the delay of its retry policy, until it
+/// has used its maximum attempts. [`HandlerError::no_retry`] and
+/// [`HandlerError::retry_after`] override that for one failure:
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use docket::{HandlerError, HandlerResult, TaskContext};
+///
+/// async fn charge(task: TaskContext) -> HandlerResult {
+///     match task.header("card") {
+///         // Retrying cannot fix a missing card, so the task is dead-lettered now.
+///         None => Err(HandlerError::msg("missing header card").no_retry()),
+///         // The payment provider asked for a pause, so the next attempt waits for it.
+///         Some("rate-limited") => {
+///             Err(HandlerError::msg("rate limited").retry_after(Duration::from_secs(30)))
+///         }
+///         Some(_) => Ok(None),
+///     }
+/// }
+/// ```
+///
 /// Like `anyhow::Error`, this type does not implement [`std::error::Error`] itself,
 /// because that would conflict with the blanket `From` conversion.
 pub struct HandlerError {
     source: Box<dyn StdError + Send + Sync + 'static>,
+    no_retry: bool,
+    retry_delay: Option<Duration>,
 }
+
+/// Maximum retry delay the broker accepts in a Nack.
+pub(crate) const MAX_RETRY_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl HandlerError {
     /// Wraps an error.
     pub fn new(error: impl StdError + Send + Sync + 'static) -> Self {
         HandlerError {
             source: Box::new(error),
+            no_retry: false,
+            retry_delay: None,
         }
     }
 
     /// Creates an error from a message.
     pub fn msg(message: impl fmt::Display) -> Self {
-        HandlerError {
-            source: Box::new(MessageError(message.to_string())),
-        }
+        HandlerError::new(MessageError(message.to_string()))
+    }
+
+    /// Asks the broker not to retry: the Nack sets `no_retry`, so the task is
+    /// dead-lettered at once, whatever attempts it has left. Use it for failures that
+    /// no retry can fix, such as invalid input.
+    #[must_use]
+    pub fn no_retry(mut self) -> Self {
+        self.no_retry = true;
+        self
+    }
+
+    /// Sets the delay before the next attempt, in place of the delay of the task's retry
+    /// policy. The Nack carries it as `retry_delay`. A delay over the broker's maximum of
+    /// 1 day is shortened to 1 day. It has no effect together with
+    /// [`HandlerError::no_retry`] or on the last attempt, because no attempt follows.
+    #[must_use]
+    pub fn retry_after(mut self, delay: Duration) -> Self {
+        self.retry_delay = Some(delay.min(MAX_RETRY_DELAY));
+        self
+    }
+
+    /// Returns `true` if [`HandlerError::no_retry`] was called.
+    pub fn is_no_retry(&self) -> bool {
+        self.no_retry
+    }
+
+    /// Returns the delay set with [`HandlerError::retry_after`], or `None` if the task's
+    /// retry policy decides.
+    pub fn retry_delay(&self) -> Option<Duration> {
+        self.retry_delay
     }
 
     /// Returns the wrapped error.
@@ -89,7 +147,14 @@ impl fmt::Display for HandlerError {
 
 impl fmt::Debug for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.source, f)
+        if !self.no_retry && self.retry_delay.is_none() {
+            return fmt::Debug::fmt(&self.source, f);
+        }
+        f.debug_struct("HandlerError")
+            .field("source", &self.source)
+            .field("no_retry", &self.no_retry)
+            .field("retry_delay", &self.retry_delay)
+            .finish()
     }
 }
 
@@ -136,6 +201,26 @@ mod tests {
         let error = HandlerError::msg("invalid recipient 42");
 
         assert_eq!(error.to_string(), "invalid recipient 42");
+    }
+
+    #[test]
+    fn retry_settings_default_to_policy() {
+        let error = HandlerError::msg("timeout");
+
+        assert!(!error.is_no_retry());
+        assert_eq!(error.retry_delay(), None);
+    }
+
+    #[test]
+    fn retry_builders_set_fields() {
+        let dead = HandlerError::msg("invalid input").no_retry();
+        let delayed = HandlerError::msg("busy").retry_after(Duration::from_secs(2));
+        let capped = HandlerError::msg("busy").retry_after(Duration::from_secs(100_000));
+
+        assert!(dead.is_no_retry());
+        assert_eq!(delayed.retry_delay(), Some(Duration::from_secs(2)));
+        assert!(!delayed.is_no_retry());
+        assert_eq!(capped.retry_delay(), Some(MAX_RETRY_DELAY));
     }
 
     #[test]

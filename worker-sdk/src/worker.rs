@@ -2,6 +2,7 @@
 
 mod builder;
 mod execute;
+mod lease;
 mod settle;
 
 use std::collections::HashMap;
@@ -12,13 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use docket_proto::v1::subscribe_response::Event;
-use docket_proto::v1::{SubscribeRequest, SubscribeResponse};
+use docket_proto::v1::{CancelNotice, SubscribeRequest, SubscribeResponse};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tonic::Streaming;
 use tracing::{debug, error, info, trace, warn};
 
 pub use self::builder::WorkerBuilder;
+use self::lease::CancelRegistry;
 use self::settle::{SettleBatcher, SettleSender};
 use crate::backoff::Backoff;
 use crate::handler::BoxHandler;
@@ -28,8 +30,15 @@ use crate::{Client, Error, TaskContext};
 /// `concurrency` at once.
 ///
 /// The worker acks a task when the handler returns `Ok` and nacks it with the error
-/// message when the handler returns `Err` or panics. Acks and nacks are sent in batches,
-/// as [`WorkerBuilder::settle_batch`] configures. The worker reconnects with exponential
+/// message when the handler returns `Err` or panics. A [`HandlerError`](crate::HandlerError)
+/// can ask the Nack to skip the retries or to set the retry delay. Acks and nacks are sent
+/// in batches, as [`WorkerBuilder::settle_batch`] configures.
+///
+/// While a handler runs, the worker extends its lease with ExtendLease each time half of
+/// the time left has passed, by the lease length, so a handler may run longer than one
+/// lease. When the broker reports that the task was cancelled, the worker marks its
+/// [`TaskContext`] as cancelled (see [`TaskContext::cancelled`]) but lets the handler
+/// run until it returns. The worker reconnects with exponential
 /// backoff and jitter when the Subscribe stream breaks or the broker is unreachable.
 /// Build one with [`Worker::builder`] and start it with [`Worker::run`].
 pub struct Worker {
@@ -37,7 +46,7 @@ pub struct Worker {
     queues: Vec<String>,
     concurrency: usize,
     max_in_flight: u32,
-    lease_duration: Option<prost_types::Duration>,
+    lease_duration: Option<Duration>,
     shutdown_grace: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
@@ -81,6 +90,7 @@ impl Worker {
     /// `max_in_flight` over the broker's limit. Running handlers are drained first.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let permits = Arc::new(Semaphore::new(self.concurrency));
+        let cancellations = CancelRegistry::default();
         let mut tasks = JoinSet::new();
         let (batcher, settler) = SettleBatcher::spawn(
             self.client.clone(),
@@ -88,7 +98,9 @@ impl Worker {
             self.settle_flush_interval,
         );
 
-        let stop = self.receive(&settler, &permits, &mut tasks, shutdown).await;
+        let stop = self
+            .receive(&settler, &cancellations, &permits, &mut tasks, shutdown)
+            .await;
         let (stream, result) = match stop {
             Stop::Shutdown(stream) => (stream, Ok(())),
             Stop::Fatal(error) => (None, Err(error)),
@@ -97,7 +109,7 @@ impl Worker {
         // The batcher stops once the delivery tasks, which hold the other senders, end.
         batcher.start_draining();
         drop(settler);
-        self.drain(&mut tasks, stream).await;
+        self.drain(&mut tasks, &cancellations, stream).await;
         batcher.finish().await;
         info!(queues = ?self.queues, "worker stopped");
         result
@@ -108,6 +120,7 @@ impl Worker {
     async fn receive(
         &self,
         settler: &SettleSender,
+        cancellations: &CancelRegistry,
         permits: &Arc<Semaphore>,
         tasks: &mut JoinSet<()>,
         shutdown: impl Future<Output = ()>,
@@ -128,6 +141,7 @@ impl Worker {
                         .receive_stream(
                             &mut stream,
                             settler,
+                            cancellations,
                             permits,
                             tasks,
                             &mut backoff,
@@ -167,10 +181,15 @@ impl Worker {
     }
 
     /// Reads one stream until it ends or `shutdown` completes.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the state of `receive` is borrowed, not owned by a struct"
+    )]
     async fn receive_stream(
         &self,
         stream: &mut Streaming<SubscribeResponse>,
         settler: &SettleSender,
+        cancellations: &CancelRegistry,
         permits: &Arc<Semaphore>,
         tasks: &mut JoinSet<()>,
         backoff: &mut Backoff,
@@ -199,9 +218,7 @@ impl Worker {
                     continue;
                 }
                 Some(Event::CancelNotice(notice)) => {
-                    // NOTE: the running handler is not signalled. It runs to the end, and
-                    // its Ack or Nack settles the cancelled task.
-                    info!(task_id = %notice.task_id, lease_id = %notice.lease_id, "task cancelled while running");
+                    signal_cancellation(cancellations, &notice);
                     continue;
                 }
                 None => {
@@ -232,8 +249,14 @@ impl Worker {
                 attempt = context.attempt(),
                 "starting handler"
             );
+            let delivery = execute::Delivery {
+                settler: settler.clone(),
+                client: self.client.clone(),
+                lease_duration: self.lease_duration,
+                cancellations: cancellations.clone(),
+            };
             tasks.spawn(execute::execute(
-                settler.clone(),
+                delivery,
                 Arc::clone(&self.handler),
                 context,
                 permit,
@@ -246,6 +269,7 @@ impl Worker {
     async fn drain(
         &self,
         tasks: &mut JoinSet<()>,
+        cancellations: &CancelRegistry,
         mut stream: Option<Streaming<SubscribeResponse>>,
     ) {
         reap(tasks);
@@ -268,6 +292,9 @@ impl Worker {
                 // Reading keeps HTTP/2 flow control moving. Deliveries that arrive now are
                 // not started, and their leases are released when the stream closes.
                 message = next_message(&mut stream) => match message {
+                    Ok(Some(SubscribeResponse {
+                        event: Some(Event::CancelNotice(notice)),
+                    })) => signal_cancellation(cancellations, &notice),
                     Ok(Some(_)) => trace!("ignoring a message during shutdown"),
                     Ok(None) | Err(_) => stream = None,
                 },
@@ -284,7 +311,10 @@ impl Worker {
         SubscribeRequest {
             queues: self.queues.clone(),
             max_in_flight: self.max_in_flight,
-            lease_duration: self.lease_duration,
+            // The builder checked that the duration fits a protobuf `Duration`.
+            lease_duration: self
+                .lease_duration
+                .and_then(|duration| prost_types::Duration::try_from(duration).ok()),
             weights: HashMap::new(),
         }
     }
@@ -317,6 +347,22 @@ fn is_fatal(error: &Error) -> bool {
         error.code(),
         Some(tonic::Code::InvalidArgument | tonic::Code::Unimplemented)
     )
+}
+
+/// Marks the running delivery that `notice` names as cancelled.
+fn signal_cancellation(cancellations: &CancelRegistry, notice: &CancelNotice) {
+    if cancellations.cancel(&notice.lease_id) {
+        info!(
+            task_id = %notice.task_id, lease_id = %notice.lease_id,
+            "task cancelled while running; signalling the handler"
+        );
+    } else {
+        // The handler has returned and its Ack or Nack settles the task.
+        debug!(
+            task_id = %notice.task_id, lease_id = %notice.lease_id,
+            "cancellation notice for a delivery that is no longer running"
+        );
+    }
 }
 
 /// Removes finished tasks from the set so that it holds only running ones.

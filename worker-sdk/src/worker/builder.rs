@@ -98,8 +98,10 @@ impl WorkerBuilder {
 
     /// Sets the lease length of each delivery. Unset takes the broker's default (30 s).
     ///
-    /// A handler that runs past its lease loses it: the task is offered again and the
-    /// late ack or nack is rejected.
+    /// While a handler runs, the worker extends the lease by this length each time half
+    /// of the time left has passed, so a handler may run longer than one lease. A lease
+    /// still expires if the worker cannot reach the broker in time, and then the task is
+    /// offered again and the late ack or nack is rejected.
     pub fn lease_duration(mut self, lease_duration: Duration) -> Self {
         self.lease_duration = Some(lease_duration);
         self
@@ -173,14 +175,13 @@ impl WorkerBuilder {
             None => u32::try_from(self.concurrency).unwrap_or(u32::MAX),
         };
 
-        let lease_duration = self
-            .lease_duration
-            .map(|duration| {
-                prost_types::Duration::try_from(duration).map_err(|error| {
-                    Error::InvalidConfig(format!("lease duration {duration:?}: {error}"))
-                })
-            })
-            .transpose()?;
+        if let Some(duration) = self.lease_duration
+            && let Err(error) = prost_types::Duration::try_from(duration)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "lease duration {duration:?}: {error}"
+            )));
+        }
 
         if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
             return Err(Error::InvalidConfig(format!(
@@ -201,7 +202,7 @@ impl WorkerBuilder {
             queues: self.queues,
             concurrency: self.concurrency,
             max_in_flight,
-            lease_duration,
+            lease_duration: self.lease_duration,
             shutdown_grace: self.shutdown_grace,
             backoff_initial: self.backoff_initial,
             backoff_max: self.backoff_max,

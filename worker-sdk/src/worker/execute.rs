@@ -1,6 +1,7 @@
 //! Running one delivery through the handler and settling its lease.
 
 use std::any::Any;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -9,9 +10,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::AbortHandle;
 use tracing::{debug, error, warn};
 
+use super::lease::{CancelRegistry, LeaseKeeper};
 use super::settle::{Settle, SettleSender};
-use crate::handler::BoxHandler;
-use crate::{Error, TaskContext};
+use crate::handler::{BoxHandler, HandlerError};
+use crate::{Client, Error, TaskContext};
 
 /// Tries per ack or nack while the broker is unavailable, if the delivery has no lease
 /// deadline. With a deadline, tries go on while the lease is live.
@@ -27,13 +29,49 @@ const SETTLE_RETRY_MAX_DELAY: Duration = Duration::from_secs(5);
 /// Result of one handler attempt.
 enum Outcome {
     Succeeded(Option<Bytes>),
-    Failed(String),
+    Failed(Failure),
 }
 
-/// Runs the handler for one delivery, then acks or nacks its lease through the settle
-/// batcher. `_permit` holds a handler slot until the lease is settled.
+/// A failed attempt as the Nack reports it.
+struct Failure {
+    message: String,
+    no_retry: bool,
+    retry_delay: Option<Duration>,
+}
+
+impl Failure {
+    fn from_handler(error: &HandlerError) -> Self {
+        Failure {
+            message: error.to_string(),
+            no_retry: error.is_no_retry(),
+            retry_delay: error.retry_delay(),
+        }
+    }
+
+    /// Builds a failure that the task's retry policy handles, such as a panic.
+    fn retryable(message: String) -> Self {
+        Failure {
+            message,
+            no_retry: false,
+            retry_delay: None,
+        }
+    }
+}
+
+/// Worker state that one delivery uses besides the handler and its context.
+pub(super) struct Delivery {
+    pub(super) settler: SettleSender,
+    pub(super) client: Client,
+    /// Lease length the worker asked for in Subscribe, or `None` for the broker's default.
+    pub(super) lease_duration: Option<Duration>,
+    pub(super) cancellations: CancelRegistry,
+}
+
+/// Runs the handler for one delivery while extending its lease, then acks or nacks the
+/// lease through the settle batcher. `_permit` holds a handler slot until the lease is
+/// settled.
 pub(super) async fn execute(
-    settler: SettleSender,
+    delivery: Delivery,
     handler: BoxHandler,
     context: TaskContext,
     _permit: OwnedSemaphorePermit,
@@ -42,18 +80,38 @@ pub(super) async fn execute(
     let lease_id = context.lease_id().to_owned();
     let attempt = context.attempt();
     let max_attempts = context.max_attempts();
-    let lease_deadline = context.lease_deadline();
+    let mut lease_deadline = context.lease_deadline();
+    let cancellation = context.cancellation();
+    let _registration = delivery
+        .cancellations
+        .register(&lease_id, Arc::clone(&cancellation));
 
     // The handler runs in its own task so that a panic is caught as a `JoinError`
     // instead of unwinding through the worker.
-    let handle = tokio::spawn(handler(context));
+    let mut handle = tokio::spawn(handler(context));
     let _abort = AbortOnDrop(handle.abort_handle());
-    let outcome = match handle.await {
+    let keeper = LeaseKeeper {
+        client: &delivery.client,
+        task_id: &task_id,
+        lease_id: &lease_id,
+        lease_duration: delivery.lease_duration,
+        cancellation: &cancellation,
+    };
+    // Extension stops when the handler ends, because the keeper's future is dropped.
+    let joined = tokio::select! {
+        joined = &mut handle => joined,
+        () = keeper.run(&mut lease_deadline) => unreachable!("the lease keeper never completes"),
+    };
+    let outcome = match joined {
         Ok(Ok(result)) => Outcome::Succeeded(result),
         Ok(Err(handler_error)) => {
-            let message = handler_error.to_string();
-            warn!(%task_id, attempt, max_attempts, error = %message, "handler failed");
-            Outcome::Failed(message)
+            let failure = Failure::from_handler(&handler_error);
+            warn!(
+                %task_id, attempt, max_attempts, error = %failure.message,
+                no_retry = failure.no_retry, retry_delay = ?failure.retry_delay,
+                "handler failed"
+            );
+            Outcome::Failed(failure)
         }
         Err(join_error) if join_error.is_panic() => {
             let payload = join_error.into_panic();
@@ -61,7 +119,7 @@ pub(super) async fn execute(
             // which is also `Any` and never downcasts to a string.
             let message = format!("handler panicked: {}", panic_message(&*payload));
             error!(%task_id, attempt, max_attempts, error = %message, "handler panicked");
-            Outcome::Failed(message)
+            Outcome::Failed(Failure::retryable(message))
         }
         Err(_) => {
             // Handlers are aborted only when the shutdown grace period ends or the `run`
@@ -71,7 +129,14 @@ pub(super) async fn execute(
         }
     };
 
-    settle(&settler, &task_id, &lease_id, lease_deadline, outcome).await;
+    settle(
+        &delivery.settler,
+        &task_id,
+        &lease_id,
+        lease_deadline,
+        outcome,
+    )
+    .await;
 }
 
 /// Acks or nacks a lease, retrying while the broker is unavailable and the lease is
@@ -96,15 +161,17 @@ async fn settle(
                 lease_id: lease_id.to_owned(),
                 result: result.clone(),
             },
-            Outcome::Failed(message) => Settle::Nack {
+            Outcome::Failed(failure) => Settle::Nack {
                 lease_id: lease_id.to_owned(),
-                error: message.clone(),
+                error: failure.message.clone(),
+                no_retry: failure.no_retry,
+                retry_delay: failure.retry_delay,
             },
         };
         let result = settler.settle(request).await.map(|state| match &outcome {
             Outcome::Succeeded(_) => debug!(%task_id, "acked"),
-            Outcome::Failed(message) if state == TaskState::Dead => {
-                warn!(%task_id, error = %message, "task dead-lettered after its last attempt");
+            Outcome::Failed(failure) if state == TaskState::Dead => {
+                warn!(%task_id, error = %failure.message, no_retry = failure.no_retry, "task dead-lettered");
             }
             Outcome::Failed(_) => debug!(%task_id, ?state, "nacked"),
         });

@@ -24,8 +24,14 @@ pub(super) enum Settle {
         lease_id: String,
         result: Option<Bytes>,
     },
-    /// Fails the attempt with an error message.
-    Nack { lease_id: String, error: String },
+    /// Fails the attempt with an error message. `no_retry` dead-letters the task at
+    /// once, and `retry_delay` replaces the delay of its retry policy.
+    Nack {
+        lease_id: String,
+        error: String,
+        no_retry: bool,
+        retry_delay: Option<Duration>,
+    },
 }
 
 /// Outcome of settling one lease: the task's new state, or the item's own error.
@@ -216,11 +222,20 @@ impl Batcher {
                 };
                 self.acks.push(Pending { item, reply }, self.flush_interval);
             }
-            Settle::Nack { lease_id, error } => {
+            Settle::Nack {
+                lease_id,
+                error,
+                no_retry,
+                retry_delay,
+            } => {
+                // `HandlerError::retry_after` caps the delay at 1 day, which always fits.
+                let retry_delay =
+                    retry_delay.and_then(|delay| prost_types::Duration::try_from(delay).ok());
                 let item = NegativeAcknowledgement {
                     lease_id,
                     error,
-                    ..NegativeAcknowledgement::default()
+                    retry_delay,
+                    no_retry,
                 };
                 self.nacks
                     .push(Pending { item, reply }, self.flush_interval);
