@@ -45,7 +45,7 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
 
 /// Builds the gRPC server reflection services, v1 and v1alpha, of a server that serves
 /// `service` beside health checking and reflection. They describe every message of
-/// Docket's contract and advertise only the services this server answers.
+/// Docket's contract and advertise only the services this server provides.
 pub fn reflection_services(
     service: &str,
 ) -> (
