@@ -3,10 +3,11 @@
 //!
 //! A one-shot schedule releases one task at a due time. A recurring schedule releases a
 //! copy of its task template at every fire time of a cron expression in an IANA time zone,
-//! or of a fixed interval. Schedules live in the scheduler's own redb file. A loop sleeps
-//! until the earliest due time, enqueues the due tasks into the broker with an
-//! idempotency key made of the schedule id and the fire time, and then records the
-//! firing, so that a crash between the two cannot release a task twice.
+//! or of a fixed interval. Schedules live in the scheduler's own redb file.
+//!
+//! A loop sleeps until the earliest due time. It enqueues the due tasks into the broker
+//! with an idempotency key made of the schedule id and the fire time, and then records
+//! the firing. A crash between the two therefore cannot release a task twice.
 //!
 //! [`serve`] runs a scheduler until its shutdown token is cancelled. The
 //! `docket-scheduler` binary is a thin wrapper around it that parses [`Config`] from flags

@@ -39,7 +39,7 @@ pub async fn watch_broker(
         let request = HealthCheckRequest {
             service: BROKER_SERVICE_NAME.to_string(),
         };
-        // A peer that accepts the connection but never answers must not hold up shutdown.
+        // A peer that accepts the connection but never responds must not hold up shutdown.
         let watch = tokio::select! {
             watch = client.watch(request) => watch,
             () = shutdown.cancelled() => return,

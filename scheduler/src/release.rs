@@ -197,7 +197,7 @@ impl Releaser {
         }
     }
 
-    /// Waits between an enqueue and its record when the test hook asks for it.
+    /// Waits between an enqueue and its record when the test hook is set.
     async fn pause_after_enqueue(&self, enqueued: &[Claimed]) {
         let Some(pause) = self.config.pause_after_enqueue else {
             return;

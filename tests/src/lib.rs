@@ -29,10 +29,11 @@ use tonic::transport::Channel;
 
 pub use process::{BrokerProcess, SCHEDULER_SERVICE, SchedulerProcess};
 pub use schedule::{
-    FIRE_TIME_HEADER, SCHEDULE_ID_HEADER, SCHEDULE_NAME_HEADER, SchedulerSetup, cron_recurrence,
-    delivered_fire_time, format_utc, get_schedule, get_schedule_by_name, interval_recurrence,
-    preview, schedule_at, schedule_idempotency_key, sleep_until, total_tasks, unix_nanos, utc,
-    wait_for_schedule, whole_second_at_or_after, whole_second_at_or_before,
+    FIRE_TIME_HEADER, SCHEDULE_ID_HEADER, SCHEDULE_NAME_HEADER, SchedulerSetup,
+    ack_all_and_expect_only_them, cron_recurrence, delivered_fire_time, format_utc, get_schedule,
+    get_schedule_by_name, interval_recurrence, preview, schedule_at, schedule_idempotency_key,
+    sleep_until, total_tasks, unix_nanos, utc, wait_for_schedule, whole_second_at_or_after,
+    whole_second_at_or_before,
 };
 pub use tonic_health::pb::health_check_response::ServingStatus;
 

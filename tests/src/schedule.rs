@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
+use docket_proto::v1::broker_client::BrokerClient;
 use docket_proto::v1::scheduler_client::SchedulerClient;
 use docket_proto::v1::{
     CronRule, Delivery, GetScheduleRequest, IntervalRule, NewTask, PreviewScheduleRequest,
@@ -12,8 +13,8 @@ use docket_proto::v1::{
 use tonic::transport::Channel;
 
 use crate::{
-    BrokerProcess, SchedulerProcess, TempDir, WAIT, header, proto_duration, proto_timestamp,
-    system_time, temp_dir, within,
+    BrokerProcess, SchedulerProcess, TempDir, WAIT, ack, header, proto_duration, proto_timestamp,
+    system_time, temp_dir, wait_for_stats, within,
 };
 
 /// Header with the id of the schedule that released a task.
@@ -257,4 +258,27 @@ pub async fn schedule_at(
         .into_inner()
         .schedule
         .context("ScheduleTask returned no schedule")
+}
+
+/// Acks `deliveries` from `queue`, waits until every one of them has succeeded, and
+/// checks that the queue contains no other task.
+pub async fn ack_all_and_expect_only_them(
+    client: &mut BrokerClient<Channel>,
+    queue: &str,
+    deliveries: &[Delivery],
+) -> Result<()> {
+    for delivery in deliveries {
+        ack(client, &delivery.lease_id, "done").await?;
+    }
+    let count = deliveries.len() as u64;
+    let stats = wait_for_stats(client, queue, "every released task succeeded", |stats| {
+        stats.succeeded == count
+    })
+    .await?;
+    assert_eq!(
+        total_tasks(&stats),
+        count,
+        "tasks in queue {queue}, one per delivery: {stats:?}"
+    );
+    Ok(())
 }

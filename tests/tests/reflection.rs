@@ -1,5 +1,5 @@
 //! gRPC server reflection on the broker and the scheduler: each lists exactly the
-//! services it answers and describes them, so tools such as grpcurl need no `.proto`
+//! services it provides and describes them, so tools such as grpcurl need no `.proto`
 //! files.
 
 use std::collections::BTreeSet;
@@ -13,7 +13,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
 use tonic_reflection::pb::v1alpha;
 
-/// Sends one reflection request on a new stream and returns the answer.
+/// Sends one reflection request on a new stream and returns the response.
 async fn ask(endpoint: &str, request: MessageRequest) -> Result<MessageResponse> {
     let channel = Channel::from_shared(endpoint.to_string())?
         .connect()

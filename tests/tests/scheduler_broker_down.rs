@@ -9,11 +9,11 @@ use anyhow::{Context, Result, bail, ensure};
 use docket_proto::v1::ScheduleState;
 use docket_tests::{
     BrokerProcess, QUIET, SCHEDULE_ID_HEADER, SCHEDULER_SERVICE, SchedulerProcess, ServingStatus,
-    Subscription, ack, delivered_fire_time, delivered_task_id, format_utc, get_schedule, get_task,
-    header, new_task, schedule_idempotency_key, system_time, temp_dir, wait_for_schedule,
-    wait_for_stats,
+    Subscription, ack_all_and_expect_only_them, delivered_fire_time, delivered_task_id, format_utc,
+    get_schedule, get_task, header, new_task, schedule_idempotency_key, system_time, temp_dir,
+    wait_for_schedule,
 };
-use docket_tests::{schedule_at, sleep_until, total_tasks, whole_second_at_or_after};
+use docket_tests::{schedule_at, sleep_until, whole_second_at_or_after};
 
 const QUEUE: &str = "broker-down";
 
@@ -168,22 +168,7 @@ async fn one_shots_wait_for_broker_restart() -> Result<()> {
         );
     }
 
-    for delivery in &deliveries {
-        ack(&mut broker_client, &delivery.lease_id, "done").await?;
-    }
-    let count = due_by_schedule.len() as u64;
-    let stats = wait_for_stats(
-        &mut broker_client,
-        QUEUE,
-        "every released task succeeded",
-        |stats| stats.succeeded == count,
-    )
-    .await?;
-    assert_eq!(
-        total_tasks(&stats),
-        count,
-        "tasks in the queue, one per schedule: {stats:?}"
-    );
+    ack_all_and_expect_only_them(&mut broker_client, QUEUE, &deliveries).await?;
 
     let schedule_ids: Vec<&str> = due_by_schedule.keys().map(String::as_str).collect();
     let stderr = scheduler.stderr_output();

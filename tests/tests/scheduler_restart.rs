@@ -14,9 +14,9 @@ use docket_proto::v1::{
 };
 use docket_tests::{
     BrokerProcess, QUIET, SCHEDULE_ID_HEADER, SCHEDULE_NAME_HEADER, SchedulerProcess, Subscription,
-    WAIT, ack, delivered_fire_time, delivered_task_id, format_utc, get_task, header,
-    interval_recurrence, new_task, queue_stats, schedule_idempotency_key, system_time, temp_dir,
-    wait_for_schedule, wait_for_stats, within,
+    WAIT, ack_all_and_expect_only_them, delivered_fire_time, delivered_task_id, format_utc,
+    get_task, header, interval_recurrence, new_task, queue_stats, schedule_idempotency_key,
+    system_time, temp_dir, wait_for_schedule, within,
 };
 use docket_tests::{schedule_at, sleep_until, total_tasks, whole_second_at_or_after};
 use tonic::transport::Channel;
@@ -227,22 +227,7 @@ async fn one_shots_survive_restart(mode: StopMode) -> Result<()> {
         );
     }
 
-    for delivery in &deliveries {
-        ack(&mut broker_client, &delivery.lease_id, "done").await?;
-    }
-    let count = expected.len() as u64;
-    let stats = wait_for_stats(
-        &mut broker_client,
-        ONE_SHOT_QUEUE,
-        "every released task succeeded",
-        |stats| stats.succeeded == count,
-    )
-    .await?;
-    assert_eq!(
-        total_tasks(&stats),
-        count,
-        "tasks in the queue after the restart, one per schedule: {stats:?}"
-    );
+    ack_all_and_expect_only_them(&mut broker_client, ONE_SHOT_QUEUE, &deliveries).await?;
     Ok(())
 }
 

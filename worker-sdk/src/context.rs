@@ -151,7 +151,7 @@ impl TaskContext {
     /// ExtendLease finds expired or settled, because the attempt can no longer succeed.
     pub async fn cancelled(&self) {
         let mut receiver = self.cancellation.subscribe();
-        // `wait_for` fails only when the sender is dropped, and `self` owns it.
+        // `wait_for` fails only once the sender is dropped, and `self` keeps an `Arc` of it.
         let _ = receiver.wait_for(|cancelled| *cancelled).await;
     }
 
