@@ -519,14 +519,23 @@ impl Sequence {
         let Some(lease_id) = self.pick_lease() else {
             return;
         };
-        let failure = Failure {
-            error: self.new_error(),
-            retry_delay: match self.rng.random_range(0..4) {
-                0 => Some(Duration::ZERO),
-                1 => Some(LONG_RETRY),
-                _ => None,
-            },
-            no_retry: self.rng.random_bool(0.15),
+        let failure = if self.rng.random_bool(0.15) {
+            // The worker never started the task and returns it.
+            Failure {
+                release: true,
+                ..Failure::released("")
+            }
+        } else {
+            Failure {
+                error: self.new_error(),
+                retry_delay: match self.rng.random_range(0..4) {
+                    0 => Some(Duration::ZERO),
+                    1 => Some(LONG_RETRY),
+                    _ => None,
+                },
+                no_retry: self.rng.random_bool(0.15),
+                release: false,
+            }
         };
         let settled = self
             .system()
@@ -558,6 +567,17 @@ impl Sequence {
     /// Records a failed attempt in the model and returns the task's new stored state.
     fn fail_in_model(&mut self, task_id: TaskId, failure: &Failure) -> TaskRecordState {
         let task = self.tasks.get_mut(&task_id).expect("leased task");
+        if failure.release {
+            // A released task keeps its attempt count and error history.
+            let (stored, live) = if task.cancel_requested {
+                (TaskRecordState::Cancelled, Live::Gone)
+            } else {
+                (TaskRecordState::Pending, Live::Ready)
+            };
+            task.stored = stored;
+            task.live = live;
+            return stored;
+        }
         task.attempts += 1;
         task.errors.push(failure.error.clone());
         let (stored, live) = if task.cancel_requested {
@@ -864,6 +884,7 @@ impl Sequence {
                     error: self.new_error(),
                     retry_delay: None,
                     no_retry: true,
+                    release: false,
                 };
                 let expected = self.fail_in_model(lease.task_id, &failure);
                 self.system()
@@ -1361,6 +1382,7 @@ async fn nack_racing_cancel_keeps_attempt() {
                 error: "handler failed".to_owned(),
                 retry_delay: None,
                 no_retry: false,
+                release: false,
             },
             reply: Some(nack_reply),
         })

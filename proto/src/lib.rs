@@ -26,3 +26,7 @@ pub mod storage {
 
 /// Encoded `FileDescriptorSet` of every `.proto` file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("docket_descriptor");
+
+/// Header of the Subscribe response's initial metadata that names the stream in
+/// `Broker.StopDeliveries`.
+pub const SUBSCRIPTION_ID_HEADER: &str = "docket-subscription-id";

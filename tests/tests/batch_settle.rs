@@ -295,6 +295,7 @@ async fn malformed_item_fails_alone() -> Result<()> {
             error: "failure".to_string(),
             retry_delay: Some(proto_duration(Duration::from_secs(2 * 24 * 60 * 60))),
             no_retry: false,
+            release: false,
         },
     ];
     let results = docket_tests::nack_items(&mut client, nacks).await?;

@@ -535,6 +535,7 @@ async fn nack(
             error: error.clone(),
             retry_delay: retry_delay.map(proto_duration),
             no_retry,
+            release: false,
         }],
     };
     let Ok(response) = client.nack(request).await else {

@@ -4,11 +4,15 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use docket_proto::SUBSCRIPTION_ID_HEADER;
 use docket_proto::v1::subscribe_response::Event;
-use docket_proto::v1::{NewTask, TaskState};
+use docket_proto::v1::{
+    NegativeAcknowledgement, NewTask, StopDeliveriesRequest, SubscribeRequest, TaskState,
+};
 use docket_tests::{
-    BrokerProcess, QUIET, Subscription, ack, delivered_task_id, enqueue, get_task, new_task,
-    temp_dir, wait_for_state,
+    BrokerProcess, QUIET, Subscription, WAIT, ack, assert_rejected, delivered_task_id, enqueue,
+    get_task, nack_items, new_task, proto_duration, queue_stats, single_result, temp_dir,
+    wait_for_state, within,
 };
 
 const QUEUE: &str = "emails";
@@ -301,6 +305,186 @@ async fn subscription_reads_several_queues() -> Result<()> {
         untouched.state(),
         TaskState::Pending,
         "the task on unsubscribed queue `other`"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn released_delivery_returns_without_an_attempt() -> Result<()> {
+    let data_dir = temp_dir();
+    let broker = BrokerProcess::start(data_dir.path(), &[]).await?;
+    let mut client = broker.client().await?;
+    let mut task = new_task(QUEUE, "send_email", "release me");
+    task.max_attempts = 1;
+    let task_id = enqueue(&mut client, vec![task]).await?.remove(0);
+    let mut subscription = Subscription::open(&mut client, &[QUEUE], 1, None).await?;
+    let delivery = subscription.next_delivery().await?;
+
+    // A release cannot also ask for a retry delay or for no retry.
+    for (case, retry_delay, no_retry) in [
+        (
+            "release with retry_delay",
+            Some(Duration::from_secs(1)),
+            false,
+        ),
+        ("release with no_retry", None, true),
+    ] {
+        let results = nack_items(
+            &mut client,
+            vec![NegativeAcknowledgement {
+                lease_id: delivery.lease_id.clone(),
+                retry_delay: retry_delay.map(proto_duration),
+                no_retry,
+                release: true,
+                ..NegativeAcknowledgement::default()
+            }],
+        )
+        .await?;
+        assert_rejected(
+            case,
+            single_result(results),
+            tonic::Code::InvalidArgument,
+            "nacks[0].release",
+        );
+    }
+
+    let results = nack_items(
+        &mut client,
+        vec![NegativeAcknowledgement {
+            lease_id: delivery.lease_id.clone(),
+            error: "ignored".to_owned(),
+            release: true,
+            ..NegativeAcknowledgement::default()
+        }],
+    )
+    .await?;
+    let result = single_result(results)?;
+    assert_eq!(result.state(), TaskState::Pending);
+
+    // The only attempt was not used, so the task is delivered again as attempt 1, and
+    // a failure now dead-letters it.
+    let again = subscription.next_delivery().await?;
+    assert_eq!(delivered_task_id(&again)?, task_id);
+    assert_eq!(again.attempt, 1);
+    let status = get_task(&mut client, &task_id).await?;
+    assert_eq!(status.attempts, 0, "{status:?}");
+    assert!(status.attempt_history.is_empty(), "{status:?}");
+    assert_eq!(status.last_error, "", "{status:?}");
+    let states: Vec<TaskState> = status
+        .state_history
+        .iter()
+        .map(|change| change.state())
+        .collect();
+    // The released lease and its return, then the live second lease.
+    assert_eq!(
+        states,
+        [
+            TaskState::Pending,
+            TaskState::Leased,
+            TaskState::Pending,
+            TaskState::Leased
+        ]
+    );
+
+    let results = nack_items(
+        &mut client,
+        vec![NegativeAcknowledgement {
+            lease_id: again.lease_id.clone(),
+            error: "failed after all".to_owned(),
+            ..NegativeAcknowledgement::default()
+        }],
+    )
+    .await?;
+    assert_eq!(single_result(results)?.state(), TaskState::Dead);
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_deliveries_keeps_live_leases() -> Result<()> {
+    let data_dir = temp_dir();
+    let broker = BrokerProcess::start(data_dir.path(), &["--heartbeat-interval", "200ms"]).await?;
+    let mut client = broker.client().await?;
+    let tasks = (0..4)
+        .map(|index| new_task(QUEUE, "send_email", format!("payload-{index}")))
+        .collect();
+    enqueue(&mut client, tasks).await?;
+
+    let request = SubscribeRequest {
+        queues: vec![QUEUE.to_owned()],
+        max_in_flight: 2,
+        ..SubscribeRequest::default()
+    };
+    let response = client.subscribe(request).await?;
+    let subscription_id = response
+        .metadata()
+        .get(SUBSCRIPTION_ID_HEADER)
+        .context("no subscription id header")?
+        .to_str()?
+        .to_owned();
+    let mut stream = response.into_inner();
+    let mut leases = Vec::new();
+    while leases.len() < 2 {
+        let message = tokio::time::timeout(WAIT, stream.message()).await??;
+        if let Some(Event::Delivery(delivery)) = message.and_then(|message| message.event) {
+            leases.push(delivery.lease_id);
+        }
+    }
+
+    let unknown = client
+        .stop_deliveries(StopDeliveriesRequest {
+            subscription_id: "0123456789abcdef0123456789abcdef".to_owned(),
+        })
+        .await;
+    assert_rejected(
+        "unknown subscription id",
+        unknown,
+        tonic::Code::NotFound,
+        "subscription_id",
+    );
+    let stopped = client
+        .stop_deliveries(StopDeliveriesRequest {
+            subscription_id: subscription_id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(stopped.leases_held, 2);
+
+    // The leases stay live, and settling them frees no credit for the two tasks left.
+    for lease_id in &leases {
+        ack(&mut client, lease_id, "").await?;
+    }
+    let quiet_until = tokio::time::Instant::now() + QUIET;
+    while let Ok(message) = tokio::time::timeout_at(quiet_until, stream.message()).await {
+        let event = message?.and_then(|message| message.event);
+        assert!(
+            !matches!(event, Some(Event::Delivery(_))),
+            "a stopped stream got a delivery: {event:?}"
+        );
+    }
+    let stats = queue_stats(&mut client, QUEUE).await?;
+    assert_eq!((stats.pending, stats.succeeded), (2, 2), "{stats:?}");
+
+    // Once the stream closes, its id stops working.
+    drop(stream);
+    let closed = within(WAIT, "StopDeliveries after close", async {
+        loop {
+            let result = client
+                .stop_deliveries(StopDeliveriesRequest {
+                    subscription_id: subscription_id.clone(),
+                })
+                .await;
+            if result.is_err() {
+                return Ok(result);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await?;
+    assert_rejected(
+        "closed stream",
+        closed,
+        tonic::Code::NotFound,
+        "subscription_id",
     );
     Ok(())
 }

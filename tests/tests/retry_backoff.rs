@@ -60,6 +60,7 @@ async fn nack_one(
             error: error.to_string(),
             retry_delay: retry_delay.map(proto_duration),
             no_retry,
+            release: false,
         }],
     )
     .await?;

@@ -230,6 +230,18 @@ impl Dispatcher {
         (id, receiver)
     }
 
+    /// Returns the token that names a subscriber in StopDeliveries.
+    pub fn stop_token(&self, id: SubscriberId) -> Option<String> {
+        self.lock().stop_token(id).map(str::to_owned)
+    }
+
+    /// Sends no further deliveries to the subscriber that `token` names. Its leases stay
+    /// live until they are settled or expire. Returns the number of leases it holds, or
+    /// `None` if no open stream has that token.
+    pub fn stop_deliveries(&self, token: &str) -> Option<u32> {
+        self.lock().stop_deliveries(token)
+    }
+
     /// Removes a stream and returns the leases it held, which the caller must record as
     /// failed attempts.
     pub fn unsubscribe(&self, id: SubscriberId) -> Vec<SettledLease> {

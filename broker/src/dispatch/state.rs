@@ -111,6 +111,8 @@ struct Subscriber {
     served_in_turn: u32,
     /// Set when the stream's channel was found closed; the stream's drop removes it.
     closed: bool,
+    /// Random token that StopDeliveries names the stream by.
+    stop_token: String,
 }
 
 /// Result of extending a lease.
@@ -385,9 +387,29 @@ impl State {
                 turn: 0,
                 served_in_turn: 0,
                 closed: false,
+                stop_token: format!("{:032x}", rand::random::<u128>()),
             },
         );
         (id, receiver)
+    }
+
+    /// Returns the token that stops deliveries to a subscriber.
+    pub fn stop_token(&self, id: SubscriberId) -> Option<&str> {
+        self.subscribers
+            .get(&id)
+            .map(|subscriber| subscriber.stop_token.as_str())
+    }
+
+    /// Sends no further deliveries to the subscriber that `token` names, while its
+    /// leases stay live. Returns the number of leases it still holds, or `None` if no
+    /// open stream has that token.
+    pub fn stop_deliveries(&mut self, token: &str) -> Option<u32> {
+        let subscriber = self
+            .subscribers
+            .values_mut()
+            .find(|subscriber| subscriber.stop_token == token)?;
+        subscriber.max_in_flight = 0;
+        Some(subscriber.outstanding)
     }
 
     pub fn remove_subscriber(&mut self, id: SubscriberId) -> Vec<SettledLease> {

@@ -10,7 +10,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use docket_proto::SUBSCRIPTION_ID_HEADER;
 use docket_proto::v1::{self, broker_server};
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use crate::broker::{AckItem, Broker, NackItem};
@@ -91,11 +93,36 @@ impl broker_server::Broker for BrokerService {
         self.broker.ensure_running()?;
         let (id, deliveries) = self.broker.subscribe(subscription);
         tracing::debug!(subscriber = id, "subscribed");
-        Ok(Response::new(SubscriptionStream::new(
+        let stop_token = self.broker.dispatcher.stop_token(id);
+        let mut response = Response::new(SubscriptionStream::new(
             id,
             deliveries,
             Arc::clone(&self.broker),
-        )))
+        ));
+        // The token is 32 hex digits, always a valid header value.
+        if let Some(value) = stop_token.and_then(|token| MetadataValue::try_from(token).ok()) {
+            response
+                .metadata_mut()
+                .insert(SUBSCRIPTION_ID_HEADER, value);
+        }
+        Ok(response)
+    }
+
+    async fn stop_deliveries(
+        &self,
+        request: Request<v1::StopDeliveriesRequest>,
+    ) -> Result<Response<v1::StopDeliveriesResponse>, Status> {
+        let subscription_id = request.into_inner().subscription_id;
+        match self.broker.dispatcher.stop_deliveries(&subscription_id) {
+            Some(leases_held) => {
+                tracing::debug!(leases_held, "deliveries stopped on a subscription");
+                Ok(Response::new(v1::StopDeliveriesResponse { leases_held }))
+            }
+            None => Err(Status::not_found(format!(
+                "subscription_id {subscription_id:?} names no open Subscribe stream: use the \
+                 {SUBSCRIPTION_ID_HEADER} header of a Subscribe response while its stream is open"
+            ))),
+        }
     }
 
     async fn ack(
@@ -141,6 +168,13 @@ impl broker_server::Broker for BrokerService {
                             &format!("nacks[{index}].retry_delay"),
                             &nack.retry_delay,
                         )?;
+                        if nack.release && (nack.no_retry || retry_delay.is_some()) {
+                            return Err(BrokerError::invalid(
+                                format!("nacks[{index}].release"),
+                                "a released task was not started, so it cannot also set \
+                                 no_retry or retry_delay",
+                            ));
+                        }
                         Ok((lease_id, retry_delay))
                     });
                 match lease_id {
@@ -150,6 +184,7 @@ impl broker_server::Broker for BrokerService {
                             error: truncate_error_message(nack.error),
                             retry_delay,
                             no_retry: nack.no_retry,
+                            release: nack.release,
                         },
                     },
                     Err(err) => NackItem {

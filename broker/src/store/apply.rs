@@ -342,10 +342,13 @@ pub(crate) fn fail(
     };
 
     let before = IndexKeys::of(&record);
-    record_attempt(&mut record, settled, &failure.error, cx.now_us);
-    record.last_error.clone_from(&failure.error);
     let settings = cx.settings.get(&settled.task.queue);
     let task_id = settled.task.id;
+    if failure.release {
+        return release(tables, cx, settled, record, &before, &settings).map(Ok);
+    }
+    record_attempt(&mut record, settled, &failure.error, cx.now_us);
+    record.last_error.clone_from(&failure.error);
 
     let state = if record.cancel_requested {
         TaskRecordState::Cancelled
@@ -385,6 +388,33 @@ pub(crate) fn fail(
         state,
         cancel_requested: record.cancel_requested,
     }))
+}
+
+/// Returns a task that its worker never started to its queue, without counting the
+/// attempt. A task whose cancellation was requested ends CANCELLED instead.
+fn release(
+    tables: &mut Tables<'_>,
+    cx: &mut Context<'_>,
+    settled: &SettledLease,
+    mut record: TaskRecord,
+    before: &IndexKeys,
+    settings: &QueueSettings,
+) -> Result<SettleOutcome, StoreError> {
+    enter_state(&mut record, TaskRecordState::Leased, settled.started_at_us);
+    let state = if record.cancel_requested {
+        finish(&mut record, TaskRecordState::Cancelled, cx.now_us, settings);
+        TaskRecordState::Cancelled
+    } else {
+        enter_state(&mut record, TaskRecordState::Pending, cx.now_us);
+        cx.effects.push(Effect::Ready(Arc::clone(&settled.task)));
+        TaskRecordState::Pending
+    };
+    tables.rewrite_task(settled.task.id, before, &record)?;
+    cx.changed.push(settled.task.id);
+    Ok(SettleOutcome {
+        state,
+        cancel_requested: record.cancel_requested,
+    })
 }
 
 pub(crate) fn cancel(

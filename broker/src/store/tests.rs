@@ -215,6 +215,7 @@ impl Running {
             error: "later".to_owned(),
             retry_delay: Some(Duration::from_secs(60)),
             no_retry: false,
+            release: false,
         };
         self.handle
             .send(WriteOp::Fail {

@@ -123,6 +123,9 @@ pub struct Failure {
     pub retry_delay: Option<Duration>,
     /// Dead-letter the task whatever attempts it has left.
     pub no_retry: bool,
+    /// The worker never started the task: return it to its queue at once without
+    /// counting the attempt.
+    pub release: bool,
 }
 
 impl Failure {
@@ -133,6 +136,7 @@ impl Failure {
             error: error.to_owned(),
             retry_delay: None,
             no_retry: false,
+            release: false,
         }
     }
 }
