@@ -12,6 +12,7 @@ use docket_proto::v1::{
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::trace::fill_traceparent;
 use crate::{Error, TaskWatch};
 
 /// Time allowed to establish a TCP connection to the broker or the scheduler.
@@ -163,6 +164,9 @@ impl Client {
 
     /// Adds one task and returns its id, a UUIDv7 string.
     ///
+    /// A task without a `traceparent` header gets one, as the crate's "Tracing" section
+    /// describes. A `traceparent` that the task has already is sent unchanged.
+    ///
     /// # Errors
     ///
     /// Returns [`Error::Status`] if the broker rejects the task, with
@@ -177,7 +181,8 @@ impl Client {
     ///
     /// Either every task is stored or none is. An empty batch returns an empty list
     /// without calling the broker. The broker rejects batches over its limit (1000
-    /// tasks by default), so split larger inputs.
+    /// tasks by default), so split larger inputs. Each task without a `traceparent`
+    /// header gets one, as in [`Client::enqueue`].
     ///
     /// # Errors
     ///
@@ -190,9 +195,12 @@ impl Client {
     where
         T: Into<NewTask>,
     {
-        let tasks: Vec<NewTask> = tasks.into_iter().map(Into::into).collect();
+        let mut tasks: Vec<NewTask> = tasks.into_iter().map(Into::into).collect();
         if tasks.is_empty() {
             return Ok(Vec::new());
+        }
+        for task in &mut tasks {
+            fill_traceparent(task);
         }
 
         let expected = tasks.len();
@@ -340,12 +348,27 @@ impl Client {
         }
     }
 
-    /// Opens a Subscribe stream.
+    /// Opens a Subscribe stream. Returns it with the subscription id from the
+    /// response's metadata, which a broker without StopDeliveries does not send.
     pub(crate) async fn subscribe(
         &self,
         request: SubscribeRequest,
-    ) -> Result<Streaming<SubscribeResponse>, Error> {
-        Ok(self.inner.clone().subscribe(request).await?.into_inner())
+    ) -> Result<(Streaming<SubscribeResponse>, Option<String>), Error> {
+        let response = self.inner.clone().subscribe(request).await?;
+        let subscription_id = response
+            .metadata()
+            .get(docket_proto::SUBSCRIPTION_ID_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        Ok((response.into_inner(), subscription_id))
+    }
+
+    /// Stops deliveries on the Subscribe stream that `subscription_id` names, and returns
+    /// the number of leases it still holds.
+    pub(crate) async fn stop_deliveries(&self, subscription_id: String) -> Result<u32, Error> {
+        let request = docket_proto::v1::StopDeliveriesRequest { subscription_id };
+        let response = self.inner.clone().stop_deliveries(request).await?;
+        Ok(response.into_inner().leases_held)
     }
 
     /// Completes the tasks held under the leases in `acks` in one Ack call and returns

@@ -1,5 +1,7 @@
 //! Task handlers and the error they return.
 
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
@@ -26,6 +28,83 @@ where
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
     Arc::new(move |context| Box::pin(handler(context)))
+}
+
+/// Handlers by task kind, with an optional handler for every other kind.
+#[derive(Clone, Default)]
+pub(crate) struct Routes {
+    by_kind: BTreeMap<String, BoxHandler>,
+    fallback: Option<BoxHandler>,
+}
+
+impl Routes {
+    /// Adds the handler of `kind`. Returns `false`, and keeps the first handler, if the
+    /// kind already has one.
+    pub(crate) fn insert(&mut self, kind: String, handler: BoxHandler) -> bool {
+        match self.by_kind.entry(kind) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(entry) => {
+                entry.insert(handler);
+                true
+            }
+        }
+    }
+
+    /// Sets the handler of kinds without one of their own.
+    pub(crate) fn set_fallback(&mut self, handler: BoxHandler) {
+        self.fallback = Some(handler);
+    }
+
+    /// Returns `true` if no handler is set at all.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_kind.is_empty() && self.fallback.is_none()
+    }
+
+    /// Returns the kinds that have a handler of their own, in order.
+    pub(crate) fn kinds(&self) -> Vec<String> {
+        self.by_kind.keys().cloned().collect()
+    }
+
+    /// Combines the routes into one handler that picks by the task's kind.
+    ///
+    /// A task of a kind without a handler fails its attempt with a message naming the
+    /// kinds this worker handles. It is retried under its retry policy, so that a worker
+    /// that has the handler can run it, for example a newer version during a rolling
+    /// update. Its last attempt dead-letters it with that message.
+    pub(crate) fn into_handler(self) -> BoxHandler {
+        let Routes { by_kind, fallback } = self;
+        if by_kind.is_empty()
+            && let Some(fallback) = fallback
+        {
+            return fallback;
+        }
+        let known = by_kind
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        Arc::new(move |context: TaskContext| {
+            match by_kind.get(context.kind()).or(fallback.as_ref()) {
+                Some(handler) => handler(context),
+                None => {
+                    let message = format!(
+                        "no handler for task kind {:?}: this worker handles {known}",
+                        context.kind()
+                    );
+                    Box::pin(async move { Err(HandlerError::msg(message)) })
+                }
+            }
+        })
+    }
+}
+
+impl fmt::Debug for Routes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Routes")
+            .field("kinds", &self.by_kind.keys().collect::<Vec<_>>())
+            .field("fallback", &self.fallback.is_some())
+            .finish()
+    }
 }
 
 /// The reason a handler attempt failed.

@@ -10,6 +10,7 @@ use docket_proto::v1::{
 
 use tonic::transport::Channel;
 
+use crate::trace::fill_traceparent;
 use crate::{Client, Error};
 
 /// Largest `seconds` of a protobuf `Timestamp`, 9999-12-31T23:59:59Z.
@@ -52,6 +53,9 @@ impl Client {
     /// enqueues the task at once. To wait a duration from now by the scheduler's clock,
     /// use [`Client::enqueue_in`].
     ///
+    /// A task without a `traceparent` header gets one now, as in [`Client::enqueue`], so
+    /// the task keeps the trace of the code that scheduled it.
+    ///
     /// # Errors
     ///
     /// Returns [`Error::SchedulerNotConfigured`] if the client has no scheduler address,
@@ -77,7 +81,8 @@ impl Client {
     /// The delay counts from the moment the scheduler receives the call, by its own
     /// clock, so a skewed client clock does not shift it. The scheduler accepts delays of
     /// at most 100 years. The client needs the scheduler's address from
-    /// [`Client::with_scheduler`].
+    /// [`Client::with_scheduler`]. The task gets a `traceparent` header as in
+    /// [`Client::enqueue_at`].
     ///
     /// ```no_run
     /// use std::time::Duration;
@@ -136,9 +141,10 @@ impl Client {
 /// time.
 async fn schedule_task(
     mut scheduler: SchedulerClient<Channel>,
-    task: NewTask,
+    mut task: NewTask,
     due: Due,
 ) -> Result<ScheduledTask, Error> {
+    fill_traceparent(&mut task);
     let request = ScheduleTaskRequest {
         task: Some(task),
         due: Some(due),

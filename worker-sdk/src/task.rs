@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use docket_proto::v1::NewTask;
 
+use crate::RetryPolicy;
+
 /// A task to add to a queue, built with chained setters.
 ///
 /// The broker validates every field when the task is enqueued. The queue name is 1 to 128
@@ -18,7 +20,8 @@ use docket_proto::v1::NewTask;
 ///     .payload(r#"{"to":"zoe@example.com"}"#)
 ///     .header("content-type", "application/json")
 ///     .priority(10)
-///     .max_attempts(5);
+///     .max_attempts(5)
+///     .idempotency_key("welcome:zoe@example.com");
 /// assert_eq!(task.queue_name(), "emails");
 /// ```
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +74,22 @@ impl Task {
         self
     }
 
+    /// Sets a key that makes the enqueue idempotent, at most 256 bytes.
+    ///
+    /// While the queue's idempotency window lasts (24 hours by default), enqueueing
+    /// another task with the same queue and key creates nothing and returns the first
+    /// task's id, so a producer can retry an enqueue whose response it lost.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.inner.idempotency_key = key.into();
+        self
+    }
+
+    /// Sets the backoff between failed attempts, in place of the queue's policy.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.inner.retry_policy = Some(policy.to_proto());
+        self
+    }
+
     /// Returns the queue name.
     pub fn queue_name(&self) -> &str {
         &self.inner.queue
@@ -106,6 +125,8 @@ impl From<NewTask> for Task {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -114,7 +135,9 @@ mod tests {
             .payload(Bytes::from_static(b"{}"))
             .header("content-type", "application/json")
             .priority(-3)
-            .max_attempts(7);
+            .max_attempts(7)
+            .idempotency_key("order-17")
+            .retry_policy(RetryPolicy::fixed(Duration::from_secs(2)));
         let proto = task.into_proto();
 
         assert_eq!(proto.queue, "emails");
@@ -124,6 +147,11 @@ mod tests {
         assert_eq!(proto.headers["content-type"], "application/json");
         assert_eq!(proto.priority, -3);
         assert_eq!(proto.max_attempts, 7);
+        assert_eq!(proto.idempotency_key, "order-17");
+        assert_eq!(
+            proto.retry_policy,
+            Some(RetryPolicy::fixed(Duration::from_secs(2)).to_proto())
+        );
     }
 
     #[test]
@@ -134,5 +162,7 @@ mod tests {
         assert!(proto.headers.is_empty());
         assert_eq!(proto.priority, 0);
         assert_eq!(proto.max_attempts, 0);
+        assert!(proto.idempotency_key.is_empty());
+        assert_eq!(proto.retry_policy, None);
     }
 }

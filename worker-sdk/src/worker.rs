@@ -5,7 +5,7 @@ mod execute;
 mod lease;
 mod settle;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{Future, pending};
 use std::pin::pin;
@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use docket_proto::v1::subscribe_response::Event;
 use docket_proto::v1::{CancelNotice, SubscribeRequest, SubscribeResponse};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tonic::Streaming;
 use tracing::{debug, error, info, trace, warn};
 
 pub use self::builder::WorkerBuilder;
 use self::lease::CancelRegistry;
-use self::settle::{SettleBatcher, SettleSender};
+use self::settle::{Settle, SettleBatcher, SettleSender};
 use crate::backoff::Backoff;
 use crate::handler::BoxHandler;
 use crate::{Client, Error, TaskContext};
@@ -29,21 +29,27 @@ use crate::{Client, Error, TaskContext};
 /// Receives tasks from one or more queues and runs a handler for each, at most
 /// `concurrency` at once.
 ///
-/// The worker acks a task when the handler returns `Ok` and nacks it with the error
-/// message when the handler returns `Err` or panics. A [`HandlerError`](crate::HandlerError)
-/// can ask the Nack to skip the retries or to set the retry delay. Acks and nacks are sent
-/// in batches, as [`WorkerBuilder::settle_batch`] configures.
+/// The handler is the one set for the task's kind with [`WorkerBuilder::handle`], or the
+/// one given to [`WorkerBuilder::build`]. The worker acks a task when the handler returns
+/// `Ok` and nacks it with the error message when the handler returns `Err` or panics. A
+/// [`HandlerError`](crate::HandlerError) can ask the Nack to skip the retries or to set
+/// the retry delay. Acks and nacks are sent in batches, as
+/// [`WorkerBuilder::settle_batch`] configures.
 ///
 /// While a handler runs, the worker extends its lease with ExtendLease each time half of
 /// the time left has passed, by the lease length, so a handler may run longer than one
 /// lease. When the broker reports that the task was cancelled, the worker marks its
 /// [`TaskContext`] as cancelled (see [`TaskContext::cancelled`]) but lets the handler
-/// run until it returns. The worker reconnects with exponential
-/// backoff and jitter when the Subscribe stream breaks or the broker is unreachable.
-/// Build one with [`Worker::builder`] and start it with [`Worker::run`].
+/// run until it returns; a delivery cancelled before its handler started is released
+/// without running. The worker reconnects with exponential backoff and jitter when the
+/// Subscribe stream breaks or the broker is unreachable. Build one with
+/// [`Worker::builder`] and start it with [`Worker::run`].
 pub struct Worker {
     client: Client,
     queues: Vec<String>,
+    weights: HashMap<String, u32>,
+    /// Kinds with a handler of their own, for logs.
+    kinds: Vec<String>,
     concurrency: usize,
     max_in_flight: u32,
     lease_duration: Option<Duration>,
@@ -53,7 +59,16 @@ pub struct Worker {
     settle_max_batch: usize,
     settle_flush_interval: Duration,
     handler: BoxHandler,
+    /// Becomes `true` when the shutdown grace period ends, which stops the running
+    /// handlers.
+    cutoff: watch::Sender<bool>,
 }
+
+/// Time a StopDeliveries call at shutdown may take.
+const STOP_DELIVERIES_LIMIT: Duration = Duration::from_secs(2);
+
+/// Time the handlers stopped at the end of the grace period get to send their nacks.
+const CUTOFF_SETTLE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Reason the receive loop stopped.
 enum Stop {
@@ -72,13 +87,18 @@ impl Worker {
 
     /// Runs the worker until `shutdown` completes.
     ///
-    /// On shutdown the worker starts no new handler, waits up to the shutdown grace
-    /// period for running handlers to finish and settles their leases, then closes
-    /// the stream. From the start of shutdown, batches of acks and nacks are sent without
-    /// waiting for the flush interval, and `run` returns only after every queued ack and
-    /// nack has been sent and its call has returned. The broker offers again every task whose lease was not settled,
-    /// including deliveries that had not started and handlers aborted after the grace
-    /// period.
+    /// On shutdown the worker starts no new handler and waits up to the shutdown grace
+    /// period for running handlers to finish, acking or nacking each as usual. Handlers
+    /// still running when the grace period ends are stopped, and their tasks are nacked
+    /// with a retry delay of zero, so that another worker runs them at once; the Nack
+    /// counts as a failed attempt, and on a task's last attempt it dead-letters the task
+    /// with the message "the worker shut down before the handler finished". Then the
+    /// worker closes the stream, and the broker offers again at once the deliveries that
+    /// had not started.
+    ///
+    /// From the start of shutdown, batches of acks and nacks are sent without waiting
+    /// for the flush interval, and `run` returns only after every queued ack and nack has
+    /// been sent and its call has returned.
     ///
     /// Connection failures and broken streams are retried until shutdown. A failed ack
     /// or nack is logged and does not stop the worker.
@@ -108,8 +128,8 @@ impl Worker {
 
         // The batcher stops once the delivery tasks, which hold the other senders, end.
         batcher.start_draining();
-        drop(settler);
-        self.drain(&mut tasks, &cancellations, stream).await;
+        self.drain(&mut tasks, &cancellations, stream, settler)
+            .await;
         batcher.finish().await;
         info!(queues = ?self.queues, "worker stopped");
         result
@@ -135,11 +155,15 @@ impl Worker {
             };
 
             match subscribed {
-                Ok(mut stream) => {
-                    info!(queues = ?self.queues, max_in_flight = self.max_in_flight, "subscribed");
+                Ok((mut stream, subscription_id)) => {
+                    info!(
+                        queues = ?self.queues, kinds = ?self.kinds,
+                        max_in_flight = self.max_in_flight, "subscribed"
+                    );
                     let disconnect = self
                         .receive_stream(
                             &mut stream,
+                            subscription_id.as_deref(),
                             settler,
                             cancellations,
                             permits,
@@ -181,6 +205,10 @@ impl Worker {
     }
 
     /// Reads one stream until it ends or `shutdown` completes.
+    ///
+    /// Deliveries wait in a local queue for a free handler slot, while the stream is
+    /// still read, so that a cancellation notice reaches its delivery even when every
+    /// slot is busy. The broker's `max_in_flight` bounds that queue.
     #[expect(
         clippy::too_many_arguments,
         reason = "the state of `receive` is borrowed, not owned by a struct"
@@ -188,6 +216,7 @@ impl Worker {
     async fn receive_stream(
         &self,
         stream: &mut Streaming<SubscribeResponse>,
+        subscription_id: Option<&str>,
         settler: &SettleSender,
         cancellations: &CancelRegistry,
         permits: &Arc<Semaphore>,
@@ -195,11 +224,29 @@ impl Worker {
         backoff: &mut Backoff,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> Disconnect {
+        let mut waiting = VecDeque::<TaskContext>::new();
         loop {
             reap(tasks);
 
             let message = tokio::select! {
-                () = &mut *shutdown => return Disconnect::Shutdown,
+                () = &mut *shutdown => {
+                    self.stop_deliveries(subscription_id).await;
+                    if !waiting.is_empty() {
+                        info!(count = waiting.len(), "shutting down; releasing deliveries that did not start");
+                    }
+                    for context in waiting {
+                        release(settler, context, tasks);
+                    }
+                    return Disconnect::Shutdown;
+                }
+                permit = Arc::clone(permits).acquire_owned(), if !waiting.is_empty() => {
+                    let (Ok(permit), Some(context)) = (permit, waiting.pop_front()) else {
+                        // The semaphore is never closed, and the guard ensures a delivery.
+                        return Disconnect::Shutdown;
+                    };
+                    self.start(context, permit, settler, cancellations, tasks);
+                    continue;
+                }
                 message = stream.message() => message,
             };
             let event = match message {
@@ -211,66 +258,101 @@ impl Worker {
             // again from the shortest delay.
             backoff.reset();
 
-            let delivery = match event {
-                Some(Event::Delivery(delivery)) => delivery,
-                Some(Event::Heartbeat(_)) => {
-                    trace!("heartbeat");
-                    continue;
+            match event {
+                Some(Event::Delivery(delivery)) => {
+                    let lease_id = delivery.lease_id.clone();
+                    match TaskContext::from_delivery(delivery) {
+                        Some(context) => waiting.push_back(context),
+                        // Without a task there is nothing to run. The lease expires on
+                        // its own.
+                        None => warn!(%lease_id, "ignoring a delivery without a task"),
+                    }
                 }
+                Some(Event::Heartbeat(_)) => trace!("heartbeat"),
                 Some(Event::CancelNotice(notice)) => {
-                    signal_cancellation(cancellations, &notice);
-                    continue;
+                    let position = waiting
+                        .iter()
+                        .position(|context| context.lease_id() == notice.lease_id);
+                    match position.and_then(|index| waiting.remove(index)) {
+                        Some(context) => {
+                            info!(
+                                task_id = context.id(),
+                                "task cancelled before its handler started; releasing it"
+                            );
+                            release(settler, context, tasks);
+                        }
+                        None => signal_cancellation(cancellations, &notice),
+                    }
                 }
-                None => {
-                    debug!("ignoring a stream message of unknown kind");
-                    continue;
-                }
-            };
-            let lease_id = delivery.lease_id.clone();
-            let Some(context) = TaskContext::from_delivery(delivery) else {
-                // Without a task there is nothing to run. The lease expires on its own.
-                warn!(%lease_id, "ignoring a delivery without a task");
-                continue;
-            };
-
-            // Waiting here for a slot leaves later deliveries in the stream, within the
-            // broker's `max_in_flight` limit.
-            let permit = tokio::select! {
-                () = &mut *shutdown => return Disconnect::Shutdown,
-                permit = Arc::clone(permits).acquire_owned() => permit,
-            };
-            let Ok(permit) = permit else {
-                // The semaphore is never closed, so this branch does not run.
-                return Disconnect::Shutdown;
-            };
-
-            debug!(
-                task_id = context.id(),
-                attempt = context.attempt(),
-                "starting handler"
-            );
-            let delivery = execute::Delivery {
-                settler: settler.clone(),
-                client: self.client.clone(),
-                lease_duration: self.lease_duration,
-                cancellations: cancellations.clone(),
-            };
-            tasks.spawn(execute::execute(
-                delivery,
-                Arc::clone(&self.handler),
-                context,
-                permit,
-            ));
+                None => debug!("ignoring a stream message of unknown kind"),
+            }
         }
     }
 
+    /// Asks the broker to send no more deliveries on the stream, so that the settles of
+    /// the running handlers do not pull in new tasks while the worker shuts down.
+    /// Deliveries that arrive anyway are released.
+    async fn stop_deliveries(&self, subscription_id: Option<&str>) {
+        let Some(subscription_id) = subscription_id else {
+            debug!("the broker sent no subscription id; deliveries during shutdown are released");
+            return;
+        };
+        let stopped = tokio::time::timeout(
+            STOP_DELIVERIES_LIMIT,
+            self.client.stop_deliveries(subscription_id.to_owned()),
+        )
+        .await;
+        match stopped {
+            Ok(Ok(leases_held)) => debug!(leases_held, "deliveries stopped"),
+            Ok(Err(error)) => {
+                warn!(%error, "stopping deliveries failed; deliveries during shutdown are released");
+            }
+            Err(_) => warn!(
+                limit_ms = STOP_DELIVERIES_LIMIT.as_millis(),
+                "stopping deliveries timed out; deliveries during shutdown are released"
+            ),
+        }
+    }
+
+    /// Spawns the handler of one delivery in a slot that `permit` holds.
+    fn start(
+        &self,
+        context: TaskContext,
+        permit: OwnedSemaphorePermit,
+        settler: &SettleSender,
+        cancellations: &CancelRegistry,
+        tasks: &mut JoinSet<()>,
+    ) {
+        debug!(
+            task_id = context.id(),
+            kind = context.kind(),
+            attempt = context.attempt(),
+            "starting handler"
+        );
+        let delivery = execute::Delivery {
+            settler: settler.clone(),
+            client: self.client.clone(),
+            lease_duration: self.lease_duration,
+            cancellations: cancellations.clone(),
+            cutoff: self.cutoff.subscribe(),
+        };
+        tasks.spawn(execute::execute(
+            delivery,
+            Arc::clone(&self.handler),
+            context,
+            permit,
+        ));
+    }
+
     /// Waits up to the grace period for running handlers, while reading and dropping
-    /// any further deliveries, then aborts the handlers that are left.
+    /// any further deliveries, then stops the handlers that are left and waits a little
+    /// longer for their nacks.
     async fn drain(
         &self,
         tasks: &mut JoinSet<()>,
         cancellations: &CancelRegistry,
         mut stream: Option<Streaming<SubscribeResponse>>,
+        settler: SettleSender,
     ) {
         reap(tasks);
         if tasks.is_empty() {
@@ -289,21 +371,43 @@ impl Worker {
                     Some(result) => log_join_error(result),
                     None => return,
                 },
-                // Reading keeps HTTP/2 flow control moving. Deliveries that arrive now are
-                // not started, and their leases are released when the stream closes.
+                // Reading keeps HTTP/2 flow control moving and catches cancellations.
+                // Deliveries sent before the broker stopped them are not started but
+                // released.
                 message = next_message(&mut stream) => match message {
                     Ok(Some(SubscribeResponse {
                         event: Some(Event::CancelNotice(notice)),
                     })) => signal_cancellation(cancellations, &notice),
+                    Ok(Some(SubscribeResponse {
+                        event: Some(Event::Delivery(delivery)),
+                    })) => match TaskContext::from_delivery(delivery) {
+                        Some(context) => release(&settler, context, tasks),
+                        None => trace!("ignoring a delivery without a task during shutdown"),
+                    },
                     Ok(Some(_)) => trace!("ignoring a message during shutdown"),
                     Ok(None) | Err(_) => stream = None,
                 },
-                () = &mut grace => {
-                    warn!(running = tasks.len(), "shutdown grace period elapsed; aborting handlers");
-                    tasks.shutdown().await;
-                    return;
-                }
+                () = &mut grace => break,
             }
+        }
+
+        warn!(
+            running = tasks.len(),
+            "shutdown grace period elapsed; stopping handlers and nacking their tasks"
+        );
+        self.cutoff.send_replace(true);
+        let settled = tokio::time::timeout(CUTOFF_SETTLE_LIMIT, async {
+            while let Some(result) = tasks.join_next().await {
+                log_join_error(result);
+            }
+        })
+        .await;
+        if settled.is_err() {
+            warn!(
+                running = tasks.len(),
+                "nacks of stopped handlers did not finish; the broker offers their tasks again when the stream closes"
+            );
+            tasks.shutdown().await;
         }
     }
 
@@ -315,7 +419,7 @@ impl Worker {
             lease_duration: self
                 .lease_duration
                 .and_then(|duration| prost_types::Duration::try_from(duration).ok()),
-            weights: HashMap::new(),
+            weights: self.weights.clone(),
         }
     }
 }
@@ -324,6 +428,8 @@ impl fmt::Debug for Worker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Worker")
             .field("queues", &self.queues)
+            .field("weights", &self.weights)
+            .field("kinds", &self.kinds)
             .field("concurrency", &self.concurrency)
             .field("max_in_flight", &self.max_in_flight)
             .field("lease_duration", &self.lease_duration)
@@ -363,6 +469,23 @@ fn signal_cancellation(cancellations: &CancelRegistry, notice: &CancelNotice) {
             "cancellation notice for a delivery that is no longer running"
         );
     }
+}
+
+/// Returns a delivery whose handler never started to the broker, which offers the task
+/// again at once without counting the attempt, or ends it CANCELLED if its cancellation
+/// was requested.
+fn release(settler: &SettleSender, context: TaskContext, tasks: &mut JoinSet<()>) {
+    let settler = settler.clone();
+    tasks.spawn(async move {
+        let release = Settle::Release {
+            lease_id: context.lease_id().to_owned(),
+        };
+        match settler.settle(release).await {
+            Ok(state) => debug!(task_id = context.id(), ?state, "released"),
+            // The lease is released when the stream closes or expires instead.
+            Err(error) => warn!(task_id = context.id(), %error, "releasing a delivery failed"),
+        }
+    });
 }
 
 /// Removes finished tasks from the set so that it holds only running ones.

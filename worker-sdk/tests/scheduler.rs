@@ -211,7 +211,15 @@ async fn enqueue_in_sends_delay() {
         .unwrap();
 
     let request = harness.only_schedule_request();
-    assert_eq!(request.task, Some(NewTask::from(task)));
+    // The client adds a trace context to the caller's task.
+    let mut sent = request.task.expect("the request carries the task");
+    let traceparent = sent.headers.remove("traceparent");
+    assert!(
+        traceparent.is_some_and(|value| value.parse::<docket::TraceParent>().is_ok()),
+        "headers of the sent task: {:?}",
+        sent.headers
+    );
+    assert_eq!(sent, NewTask::from(task));
     assert_eq!(
         request.due,
         Some(Due::Delay(prost_types::Duration {

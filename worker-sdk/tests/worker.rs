@@ -9,11 +9,11 @@ use docket::proto as v1;
 use docket::proto::broker_server::{Broker, BrokerServer};
 use docket::proto::subscribe_response::Event;
 use docket::proto::{
-    AckRequest, AckResponse, Delivery, EnqueueRequest, EnqueueResponse, GetTaskRequest,
-    GetTaskResponse, Heartbeat, NackRequest, NackResponse, SettleResult, SubscribeRequest,
-    SubscribeResponse, Task as WireTask, TaskState,
+    AckRequest, AckResponse, CancelNotice, Delivery, EnqueueRequest, EnqueueResponse,
+    GetTaskRequest, GetTaskResponse, Heartbeat, NackRequest, NackResponse, SettleResult,
+    SubscribeRequest, SubscribeResponse, Task as WireTask, TaskState,
 };
-use docket::{Bytes, Client, Error, HandlerError, TaskContext, Worker};
+use docket::{Bytes, Client, Error, HandlerError, HandlerResult, TaskContext, Worker};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
@@ -32,6 +32,7 @@ struct Subscription {
 enum Settlement {
     Ack { lease_id: String, result: Bytes },
     Nack { lease_id: String, error: String },
+    Release { lease_id: String },
 }
 
 /// Item counts of the Ack and Nack calls the fake broker received, in call order.
@@ -146,13 +147,17 @@ impl Broker for FakeBroker {
         self.call_sizes.lock().unwrap().nacks.push(nacks.len());
         let mut results = Vec::new();
         for nack in nacks {
-            let _ = self
-                .settlements
-                .send(Settlement::Nack {
+            let settlement = if nack.release {
+                Settlement::Release {
+                    lease_id: nack.lease_id.clone(),
+                }
+            } else {
+                Settlement::Nack {
                     lease_id: nack.lease_id.clone(),
                     error: nack.error,
-                })
-                .await;
+                }
+            };
+            let _ = self.settlements.send(settlement).await;
             results.push(SettleResult {
                 lease_id: nack.lease_id,
                 state: TaskState::Pending.into(),
@@ -172,7 +177,17 @@ impl Broker for FakeBroker {
     type WatchTaskStream = ReceiverStream<Result<v1::WatchTaskResponse, Status>>;
     type WatchQueueStatsStream = ReceiverStream<Result<v1::WatchQueueStatsResponse, Status>>;
 
-    // The worker calls none of the RPCs below.
+    // The worker calls none of the RPCs below. It calls StopDeliveries only with a
+    // subscription id, which this broker does not send.
+
+    async fn stop_deliveries(
+        &self,
+        _request: Request<v1::StopDeliveriesRequest>,
+    ) -> Result<Response<v1::StopDeliveriesResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake broker does not serve stop_deliveries",
+        ))
+    }
 
     async fn extend_lease(
         &self,
@@ -598,7 +613,7 @@ async fn shutdown_waits_for_running_handlers() {
 }
 
 #[tokio::test]
-async fn shutdown_grace_aborts_handlers() {
+async fn shutdown_grace_stops_handlers_and_nacks_them() {
     let mut harness = start_broker(None, None).await;
     // Every running handler owns a clone of `alive`, so `recv` returns `None` only
     // after every handler future is dropped.
@@ -628,8 +643,14 @@ async fn shutdown_grace_aborts_handlers() {
         .unwrap()
         .unwrap()
         .unwrap();
-    // An aborted handler settles nothing, and the broker releases its lease when the
-    // stream closes.
+    // The stopped handler's task is nacked, so that another worker runs it at once.
+    assert_eq!(
+        harness.settlements.try_recv(),
+        Ok(Settlement::Nack {
+            lease_id: "lease-1".to_owned(),
+            error: "the worker shut down before the handler finished".to_owned(),
+        })
+    );
     assert!(harness.settlements.try_recv().is_err());
     let dropped = tokio::time::timeout(TIMEOUT, alive_receiver.recv()).await;
     assert_eq!(dropped, Ok(None), "the handler still runs after shutdown");
@@ -719,6 +740,289 @@ async fn invalid_subscription_stops_worker() {
 
     let error = result.unwrap_err();
     assert_eq!(error.code(), Some(tonic::Code::InvalidArgument), "{error}");
+}
+
+#[tokio::test]
+async fn handlers_are_chosen_by_kind() {
+    let mut harness = start_broker(None, None).await;
+    let worker = Worker::builder(harness.client.clone())
+        .queue("jobs")
+        .concurrency(1)
+        .handle("resize", |task: TaskContext| async move {
+            Ok(Some(Bytes::from(format!("resized {}", task.id()))))
+        })
+        .handle("email", |task: TaskContext| async move {
+            Ok(Some(Bytes::from(format!("mailed {}", task.id()))))
+        })
+        .build_handlers()
+        .unwrap();
+    let (stop, shutdown) = shutdown_signal();
+    let running = tokio::spawn(worker.run(shutdown));
+    let subscription = harness.next_subscription().await;
+
+    subscription
+        .events
+        .send(delivery("email", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        harness.next_settlement().await,
+        Settlement::Ack {
+            lease_id: "lease-1".to_owned(),
+            result: Bytes::from("mailed task-1"),
+        }
+    );
+    subscription
+        .events
+        .send(delivery("resize", 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        harness.next_settlement().await,
+        Settlement::Ack {
+            lease_id: "lease-2".to_owned(),
+            result: Bytes::from("resized task-2"),
+        }
+    );
+    // A kind without a handler fails its attempt, so that it is retried, possibly on
+    // a worker that handles it.
+    subscription.events.send(delivery("sms", 3)).await.unwrap();
+    assert_eq!(
+        harness.next_settlement().await,
+        Settlement::Nack {
+            lease_id: "lease-3".to_owned(),
+            error: "no handler for task kind \"sms\": this worker handles email, resize".to_owned(),
+        }
+    );
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn build_handler_runs_kinds_without_their_own() {
+    let mut harness = start_broker(None, None).await;
+    let worker = Worker::builder(harness.client.clone())
+        .queue("jobs")
+        .concurrency(1)
+        .handle("fail", |_task: TaskContext| async move {
+            Ok(Some(Bytes::from("special")))
+        })
+        .build(handle)
+        .unwrap();
+    let (stop, shutdown) = shutdown_signal();
+    let running = tokio::spawn(worker.run(shutdown));
+    let subscription = harness.next_subscription().await;
+
+    subscription.events.send(delivery("fail", 1)).await.unwrap();
+    assert_eq!(
+        harness.next_settlement().await,
+        Settlement::Ack {
+            lease_id: "lease-1".to_owned(),
+            result: Bytes::from("special"),
+        }
+    );
+    subscription.events.send(delivery("ok", 2)).await.unwrap();
+    assert_eq!(
+        harness.next_settlement().await,
+        Settlement::Ack {
+            lease_id: "lease-2".to_owned(),
+            result: Bytes::from("done task-2"),
+        }
+    );
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn queue_weights_reach_the_subscription() {
+    let mut harness = start_broker(None, None).await;
+    let worker = Worker::builder(harness.client.clone())
+        .queue_weighted("urgent", 5)
+        .queue("bulk")
+        .queue_weighted("reports", 2)
+        .build(handle)
+        .unwrap();
+    let (stop, shutdown) = shutdown_signal();
+    let running = tokio::spawn(worker.run(shutdown));
+
+    let subscription = harness.next_subscription().await;
+    assert_eq!(subscription.request.queues, ["urgent", "bulk", "reports"]);
+    let mut weights = subscription.request.weights.into_iter().collect::<Vec<_>>();
+    weights.sort();
+    assert_eq!(
+        weights,
+        [("reports".to_owned(), 2), ("urgent".to_owned(), 5)]
+    );
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn cancel_before_start_releases_task() {
+    let mut harness = start_broker(None, None).await;
+    let (started, mut started_receiver) = mpsc::unbounded_channel::<String>();
+    let (release, release_receiver) = tokio::sync::watch::channel(false);
+    let worker = Worker::builder(harness.client.clone())
+        .queue("jobs")
+        .concurrency(1)
+        .max_in_flight(2)
+        .build(move |task: TaskContext| {
+            let started = started.clone();
+            let mut release = release_receiver.clone();
+            async move {
+                started.send(task.id().to_owned()).unwrap();
+                let _ = release.wait_for(|released| *released).await;
+                HandlerResult::Ok(None)
+            }
+        })
+        .unwrap();
+    let (stop, shutdown) = shutdown_signal();
+    let running = tokio::spawn(worker.run(shutdown));
+    let subscription = harness.next_subscription().await;
+
+    // The only slot is busy with task 1, so task 2 waits in the worker.
+    subscription.events.send(delivery("ok", 1)).await.unwrap();
+    assert_eq!(started_receiver.recv().await.as_deref(), Some("task-1"));
+    subscription.events.send(delivery("ok", 2)).await.unwrap();
+    let notice = SubscribeResponse {
+        event: Some(Event::CancelNotice(CancelNotice {
+            task_id: "task-2".to_owned(),
+            lease_id: "lease-2".to_owned(),
+        })),
+    };
+    subscription.events.send(Ok(notice)).await.unwrap();
+
+    // The notice is read while the slot is busy, and task 2 is released unrun.
+    assert_eq!(
+        harness.next_settlement().await,
+        Settlement::Release {
+            lease_id: "lease-2".to_owned(),
+        }
+    );
+    release.send_replace(true);
+    assert!(matches!(
+        harness.next_settlement().await,
+        Settlement::Ack { lease_id, .. } if lease_id == "lease-1"
+    ));
+    subscription.events.send(delivery("ok", 3)).await.unwrap();
+    assert_eq!(started_receiver.recv().await.as_deref(), Some("task-3"));
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        started_receiver.try_recv().is_err(),
+        "the cancelled task ran"
+    );
+}
+
+#[tokio::test]
+async fn unstarted_deliveries_are_released_at_shutdown() {
+    let mut harness = start_broker(None, None).await;
+    let (started, mut started_receiver) = mpsc::unbounded_channel::<String>();
+    let (release, release_receiver) = tokio::sync::watch::channel(false);
+    let worker = Worker::builder(harness.client.clone())
+        .queue("jobs")
+        .concurrency(1)
+        .max_in_flight(3)
+        .shutdown_grace(Duration::from_secs(10))
+        .build(move |task: TaskContext| {
+            let started = started.clone();
+            let mut release = release_receiver.clone();
+            async move {
+                started.send(task.id().to_owned()).unwrap();
+                let _ = release.wait_for(|released| *released).await;
+                HandlerResult::Ok(None)
+            }
+        })
+        .unwrap();
+    let (stop, shutdown) = shutdown_signal();
+    let running = tokio::spawn(worker.run(shutdown));
+    let subscription = harness.next_subscription().await;
+
+    subscription.events.send(delivery("ok", 1)).await.unwrap();
+    assert_eq!(started_receiver.recv().await.as_deref(), Some("task-1"));
+    subscription.events.send(delivery("ok", 2)).await.unwrap();
+    // Task 2 waits for the busy slot when shutdown starts, so it is released unrun.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop.send(()).unwrap();
+    assert_eq!(
+        harness.next_settlement().await,
+        Settlement::Release {
+            lease_id: "lease-2".to_owned(),
+        }
+    );
+    // A delivery that arrives while the running handler finishes is released too.
+    subscription.events.send(delivery("ok", 3)).await.unwrap();
+    assert_eq!(
+        harness.next_settlement().await,
+        Settlement::Release {
+            lease_id: "lease-3".to_owned(),
+        }
+    );
+    release.send_replace(true);
+    assert!(matches!(
+        harness.next_settlement().await,
+        Settlement::Ack { lease_id, .. } if lease_id == "lease-1"
+    ));
+
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(started_receiver.try_recv().is_err(), "a released task ran");
+}
+
+#[tokio::test]
+async fn routing_and_weight_config_is_validated() {
+    let client = Client::connect_lazy("http://127.0.0.1:1").unwrap();
+    let config_error = |result: Result<Worker, Error>| match result {
+        Err(Error::InvalidConfig(message)) => message,
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    };
+
+    let no_handler = Worker::builder(client.clone())
+        .queue("jobs")
+        .build_handlers();
+    let duplicate_kind = Worker::builder(client.clone())
+        .queue("jobs")
+        .handle("email", handle)
+        .handle("email", handle)
+        .build_handlers();
+    let zero_weight = Worker::builder(client.clone())
+        .queue_weighted("jobs", 0)
+        .build(handle);
+    let heavy_weight = Worker::builder(client.clone())
+        .queue_weighted("jobs", 101)
+        .build(handle);
+    let largest_weight = Worker::builder(client)
+        .queue_weighted("jobs", 100)
+        .build(handle);
+
+    assert!(config_error(no_handler).contains("no handler is set"));
+    assert!(config_error(duplicate_kind).contains("task kind email"));
+    assert!(config_error(zero_weight).contains("weight 0 of queue \"jobs\""));
+    assert!(config_error(heavy_weight).contains("weight 101 of queue \"jobs\""));
+    assert!(largest_weight.is_ok());
 }
 
 #[tokio::test]

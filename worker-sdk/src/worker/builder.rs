@@ -1,11 +1,12 @@
 //! The builder for [`Worker`].
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::handler::{HandlerResult, box_handler};
+use crate::handler::{HandlerResult, Routes, box_handler};
 use crate::{Client, Error, TaskContext, Worker};
 
 /// Default number of handlers that run at once.
@@ -27,16 +28,53 @@ const DEFAULT_SETTLE_MAX_BATCH: usize = 64;
 /// Default time a partial batch of acks or nacks waits for more items.
 const DEFAULT_SETTLE_FLUSH_INTERVAL: Duration = Duration::from_millis(1);
 
+/// Largest queue weight the broker accepts.
+const MAX_QUEUE_WEIGHT: u32 = 100;
+
 /// Upper limit of the settle batch size. It equals the broker's default limit of items
 /// per Ack or Nack call, so that the broker accepts every batch with default settings.
 const MAX_SETTLE_BATCH: usize = 1000;
 
 /// Configures and builds a [`Worker`]. Created by [`Worker::builder`].
+///
+/// One worker can serve several queues, with weights, and run a different handler for
+/// each task kind:
+///
+/// ```no_run
+/// use docket::{Client, HandlerResult, TaskContext, Worker};
+///
+/// async fn send_email(task: TaskContext) -> HandlerResult {
+///     println!("e-mail task {}", task.id());
+///     Ok(None)
+/// }
+///
+/// async fn resize_image(task: TaskContext) -> HandlerResult {
+///     println!("image task {}", task.id());
+///     Ok(None)
+/// }
+///
+/// # async fn example() -> Result<(), docket::Error> {
+/// let client = Client::connect("http://127.0.0.1:7070").await?;
+/// let worker = Worker::builder(client)
+///     // When both queues have tasks, "urgent" gets three deliveries for each of "bulk".
+///     .queue_weighted("urgent", 3)
+///     .queue("bulk")
+///     .handle("send_email", send_email)
+///     .handle("resize_image", resize_image)
+///     .concurrency(20)
+///     .build_handlers()?;
+/// # let _ = worker;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct WorkerBuilder {
     client: Client,
     queues: Vec<String>,
+    weights: HashMap<String, u32>,
+    routes: Routes,
+    duplicate_kinds: Vec<String>,
     concurrency: usize,
     max_in_flight: Option<u32>,
     lease_duration: Option<Duration>,
@@ -52,6 +90,9 @@ impl WorkerBuilder {
         WorkerBuilder {
             client,
             queues: Vec::new(),
+            weights: HashMap::new(),
+            routes: Routes::default(),
+            duplicate_kinds: Vec::new(),
             concurrency: DEFAULT_CONCURRENCY,
             max_in_flight: None,
             lease_duration: None,
@@ -76,6 +117,40 @@ impl WorkerBuilder {
         I::Item: Into<String>,
     {
         self.queues.extend(queues.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds a queue with a weight from 1 to 100.
+    ///
+    /// When several of the worker's queues have ready tasks, the broker shares the
+    /// deliveries by weight: a queue of weight 3 gets up to three deliveries for each one
+    /// of a queue of weight 1. Queues added with [`WorkerBuilder::queue`] have weight 1.
+    /// Within a queue, tasks go by priority, then in enqueue order.
+    pub fn queue_weighted(mut self, queue: impl Into<String>, weight: u32) -> Self {
+        let queue = queue.into();
+        self.weights.insert(queue.clone(), weight);
+        self.queues.push(queue);
+        self
+    }
+
+    /// Sets the handler of the tasks of one kind.
+    ///
+    /// A worker built with [`WorkerBuilder::build_handlers`] runs only the kinds that
+    /// have a handler. A task of another kind fails its attempt with a message naming
+    /// the kinds the worker handles, and is retried under its retry policy, so that a
+    /// worker that has the handler can take it. Use [`WorkerBuilder::build`] to give
+    /// every other kind one more handler instead.
+    ///
+    /// The handler has the same contract as the one of [`WorkerBuilder::build`].
+    pub fn handle<F, Fut>(mut self, kind: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let kind = kind.into();
+        if !self.routes.insert(kind.clone(), box_handler(handler)) {
+            self.duplicate_kinds.push(kind);
+        }
         self
     }
 
@@ -136,26 +211,67 @@ impl WorkerBuilder {
         self
     }
 
-    /// Builds a worker that runs `handler` for every delivered task.
+    /// Builds a worker that runs `handler` for every delivered task whose kind has no
+    /// handler set with [`WorkerBuilder::handle`], which is every task if none is set.
     ///
     /// The handler returns `Ok` with an optional result to acknowledge the task, or
     /// `Err` to fail the attempt. A handler that panics fails the attempt too.
     ///
     /// # Errors
     ///
-    /// Returns [`Error::InvalidConfig`] if no queue is set, if the concurrency or
+    /// Returns [`Error::InvalidConfig`] if no queue is set, if a queue weight is outside
+    /// 1..=100, if two handlers are set for one kind, if the concurrency or
     /// `max_in_flight` is 0 or too large, if the lease duration is out of range, if the
     /// initial reconnect delay is 0 or above the maximum, or if the settle batch size is
     /// outside 1..=1000.
-    pub fn build<F, Fut>(self, handler: F) -> Result<Worker, Error>
+    pub fn build<F, Fut>(mut self, handler: F) -> Result<Worker, Error>
     where
         F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
+        self.routes.set_fallback(box_handler(handler));
+        self.finish()
+    }
+
+    /// Builds a worker that runs the handlers set with [`WorkerBuilder::handle`], each
+    /// for its task kind.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::InvalidConfig`] if no handler is set, and in the cases that
+    /// [`WorkerBuilder::build`] lists.
+    pub fn build_handlers(self) -> Result<Worker, Error> {
+        if self.routes.is_empty() {
+            return Err(Error::InvalidConfig(
+                "no handler is set: call `handle` for each task kind, or `build` with one \
+                 handler for every kind"
+                    .to_owned(),
+            ));
+        }
+        self.finish()
+    }
+
+    fn finish(self) -> Result<Worker, Error> {
         if self.queues.is_empty() {
             return Err(Error::InvalidConfig(
                 "no queue is set, and a worker needs at least one (call `queue`)".to_owned(),
             ));
+        }
+        let mut weights = self.weights.iter().collect::<Vec<_>>();
+        weights.sort();
+        if let Some((queue, weight)) = weights
+            .into_iter()
+            .find(|(_, weight)| !(1..=MAX_QUEUE_WEIGHT).contains(*weight))
+        {
+            return Err(Error::InvalidConfig(format!(
+                "weight {weight} of queue {queue:?} is out of range 1..={MAX_QUEUE_WEIGHT}"
+            )));
+        }
+        if !self.duplicate_kinds.is_empty() {
+            return Err(Error::InvalidConfig(format!(
+                "more than one handler is set for task kind {}",
+                self.duplicate_kinds.join(", ")
+            )));
         }
         if self.concurrency == 0 || self.concurrency > Semaphore::MAX_PERMITS {
             return Err(Error::InvalidConfig(format!(
@@ -200,6 +316,8 @@ impl WorkerBuilder {
         Ok(Worker {
             client: self.client,
             queues: self.queues,
+            weights: self.weights,
+            kinds: self.routes.kinds(),
             concurrency: self.concurrency,
             max_in_flight,
             lease_duration: self.lease_duration,
@@ -208,7 +326,8 @@ impl WorkerBuilder {
             backoff_max: self.backoff_max,
             settle_max_batch: self.settle_max_batch,
             settle_flush_interval: self.settle_flush_interval,
-            handler: box_handler(handler),
+            handler: self.routes.into_handler(),
+            cutoff: tokio::sync::watch::channel(false).0,
         })
     }
 }

@@ -6,13 +6,14 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use docket_proto::v1::TaskState;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::task::AbortHandle;
-use tracing::{debug, error, warn};
+use tracing::{Instrument, debug, error, warn};
 
 use super::lease::{CancelRegistry, LeaseKeeper};
 use super::settle::{Settle, SettleSender};
 use crate::handler::{BoxHandler, HandlerError};
+use crate::trace::TaskTrace;
 use crate::{Client, Error, TaskContext};
 
 /// Tries per ack or nack while the broker is unavailable, if the delivery has no lease
@@ -65,16 +66,35 @@ pub(super) struct Delivery {
     /// Lease length the worker asked for in Subscribe, or `None` for the broker's default.
     pub(super) lease_duration: Option<Duration>,
     pub(super) cancellations: CancelRegistry,
+    /// Becomes `true` when the worker's shutdown grace period ends.
+    pub(super) cutoff: watch::Receiver<bool>,
 }
 
 /// Runs the handler for one delivery while extending its lease, then acks or nacks the
 /// lease through the settle batcher. `_permit` holds a handler slot until the lease is
 /// settled.
+///
+/// All of it runs inside the delivery's `docket.task` span, so the handler's own events
+/// and the logs of the ack or nack carry the task's fields and trace.
 pub(super) async fn execute(
     delivery: Delivery,
     handler: BoxHandler,
     context: TaskContext,
     _permit: OwnedSemaphorePermit,
+) {
+    let trace = TaskTrace::start(&context);
+    let span = trace.span().clone();
+    execute_traced(delivery, handler, context, trace)
+        .instrument(span)
+        .await;
+}
+
+/// Runs and settles one delivery as [`execute`] describes, inside the span of `trace`.
+async fn execute_traced(
+    delivery: Delivery,
+    handler: BoxHandler,
+    context: TaskContext,
+    trace: TaskTrace,
 ) {
     let task_id = context.id().to_owned();
     let lease_id = context.lease_id().to_owned();
@@ -88,7 +108,7 @@ pub(super) async fn execute(
 
     // The handler runs in its own task so that a panic is caught as a `JoinError`
     // instead of unwinding through the worker.
-    let mut handle = tokio::spawn(handler(context));
+    let mut handle = tokio::spawn(trace.run_handler(|| handler(context)));
     let _abort = AbortOnDrop(handle.abort_handle());
     let keeper = LeaseKeeper {
         client: &delivery.client,
@@ -98,9 +118,34 @@ pub(super) async fn execute(
         cancellation: &cancellation,
     };
     // Extension stops when the handler ends, because the keeper's future is dropped.
+    let mut cutoff = delivery.cutoff;
     let joined = tokio::select! {
-        joined = &mut handle => joined,
+        joined = &mut handle => Some(joined),
         () = keeper.run(&mut lease_deadline) => unreachable!("the lease keeper never completes"),
+        // Stopped at the end of the shutdown grace period: the Nack sets a retry delay of zero, so
+        // that another worker runs the task at once.
+        _ = cutoff.wait_for(|cut_off| *cut_off) => None,
+    };
+    let Some(joined) = joined else {
+        handle.abort();
+        warn!(
+            %task_id, attempt, max_attempts,
+            "handler stopped at the end of the shutdown grace period; nacking for an immediate retry"
+        );
+        let failure = Failure {
+            message: "the worker shut down before the handler finished".to_owned(),
+            no_retry: false,
+            retry_delay: Some(Duration::ZERO),
+        };
+        settle(
+            &delivery.settler,
+            &task_id,
+            &lease_id,
+            lease_deadline,
+            Outcome::Failed(failure),
+        )
+        .await;
+        return;
     };
     let outcome = match joined {
         Ok(Ok(result)) => Outcome::Succeeded(result),
@@ -122,8 +167,8 @@ pub(super) async fn execute(
             Outcome::Failed(Failure::retryable(message))
         }
         Err(_) => {
-            // Handlers are aborted only when the shutdown grace period ends or the `run`
-            // future is dropped. The lease is released when the stream closes.
+            // Handlers are aborted here only when the `run` future is dropped. The lease
+            // is released when the stream closes.
             debug!(%task_id, "handler aborted at shutdown");
             return;
         }

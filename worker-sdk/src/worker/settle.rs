@@ -32,6 +32,8 @@ pub(super) enum Settle {
         no_retry: bool,
         retry_delay: Option<Duration>,
     },
+    /// Returns a task that was never started, without counting the attempt.
+    Release { lease_id: String },
 }
 
 /// Outcome of settling one lease: the task's new state, or the item's own error.
@@ -236,6 +238,16 @@ impl Batcher {
                     error,
                     retry_delay,
                     no_retry,
+                    release: false,
+                };
+                self.nacks
+                    .push(Pending { item, reply }, self.flush_interval);
+            }
+            Settle::Release { lease_id } => {
+                let item = NegativeAcknowledgement {
+                    lease_id,
+                    release: true,
+                    ..NegativeAcknowledgement::default()
                 };
                 self.nacks
                     .push(Pending { item, reply }, self.flush_interval);
