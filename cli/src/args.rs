@@ -12,39 +12,41 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  the broker or the scheduler returned an error; stderr shows its gRPC code and message
-  2  usage error: invalid flags or arguments, or an unreadable --payload-file
+  2  usage error: invalid flags or arguments, an unreadable --payload-file, or a bad line
+     in an `enqueue --file` file
   3  cannot connect to the broker or the scheduler
-  4  not found: no task or schedule with that id or name";
+  4  not found: no task or schedule with that id or name
+  5  `task watch` only: the task ended DEAD or CANCELLED
+
+With --json, results go to stdout as one JSON document (`task watch --json` prints one
+JSON object per line instead), and errors go to stderr as one JSON object
+{\"error\":{\"code\":...,\"message\":...,\"hint\":...}} with stdout left empty.";
+
+/// Default URL of the broker.
+pub const DEFAULT_BROKER: &str = "http://127.0.0.1:7070";
+
+/// Default URL of the scheduler.
+pub const DEFAULT_SCHEDULER: &str = "http://127.0.0.1:7071";
 
 /// Docket's command line.
 #[derive(Debug, Parser)]
 #[command(
     name = "docket",
     version,
-    about = "Docket's command line: enqueue and inspect tasks, manage queues and schedules, \
-             and run a development server",
+    about = "Docket's command line: enqueue and inspect tasks, manage queues, dead tasks and \
+             schedules, and run a development server",
     after_help = EXIT_CODES
 )]
 pub struct Cli {
-    /// URL of the broker.
-    #[arg(
-        long,
-        global = true,
-        env = "DOCKET_BROKER",
-        default_value = "http://127.0.0.1:7070"
-    )]
-    pub broker: String,
+    /// URL of the broker, accepted before the subcommand as well as after it.
+    #[arg(long, hide = true, value_name = "URL")]
+    pub broker: Option<String>,
 
-    /// URL of the scheduler, which delayed tasks and schedules go through.
-    #[arg(
-        long,
-        global = true,
-        env = "DOCKET_SCHEDULER",
-        default_value = "http://127.0.0.1:7071"
-    )]
-    pub scheduler: String,
+    /// URL of the scheduler, accepted before the subcommand as well as after it.
+    #[arg(long, hide = true, value_name = "URL")]
+    pub scheduler: Option<String>,
 
-    /// Print one JSON document on stdout instead of text.
+    /// Print one JSON document on stdout instead of text, and errors as JSON on stderr.
     #[arg(long, global = true)]
     pub json: bool,
 
@@ -60,19 +62,89 @@ pub enum Command {
     Dev(DevArgs),
 
     /// Add a task to a queue, now or, with --in or --at, through the scheduler later.
+    /// With --file, add many tasks from a file of JSON lines.
     Enqueue(EnqueueArgs),
 
-    /// Show or cancel a task.
-    #[command(subcommand)]
-    Task(TaskCommand),
+    /// Show, follow or cancel a task.
+    Task(TaskGroup),
 
-    /// List queues, show their task counts, pause, resume or purge them.
-    #[command(subcommand)]
-    Queue(QueueCommand),
+    /// List queues, show their task counts and settings, change settings, pause, resume
+    /// or purge them.
+    Queue(QueueGroup),
+
+    /// List, requeue or delete dead tasks: tasks that used all their attempts.
+    Dead(DeadGroup),
 
     /// Create, list, show, pause, resume or delete recurring schedules.
+    Schedule(ScheduleGroup),
+}
+
+/// The broker's URL, for the commands that call the broker.
+#[derive(Debug, Args)]
+pub struct BrokerUrl {
+    /// URL of the broker.
+    #[arg(
+        long = "broker",
+        global = true,
+        value_name = "URL",
+        env = "DOCKET_BROKER",
+        default_value = DEFAULT_BROKER
+    )]
+    pub broker: String,
+}
+
+/// The scheduler's URL, for the commands that call the scheduler.
+#[derive(Debug, Args)]
+pub struct SchedulerUrl {
+    /// URL of the scheduler, which delayed tasks and schedules go through.
+    #[arg(
+        long = "scheduler",
+        global = true,
+        value_name = "URL",
+        env = "DOCKET_SCHEDULER",
+        default_value = DEFAULT_SCHEDULER
+    )]
+    pub scheduler: String,
+}
+
+/// `docket task` with its broker URL.
+#[derive(Debug, Args)]
+pub struct TaskGroup {
+    #[command(flatten)]
+    pub broker: BrokerUrl,
+
     #[command(subcommand)]
-    Schedule(ScheduleCommand),
+    pub command: TaskCommand,
+}
+
+/// `docket queue` with its broker URL.
+#[derive(Debug, Args)]
+pub struct QueueGroup {
+    #[command(flatten)]
+    pub broker: BrokerUrl,
+
+    #[command(subcommand)]
+    pub command: QueueCommand,
+}
+
+/// `docket dead` with its broker URL.
+#[derive(Debug, Args)]
+pub struct DeadGroup {
+    #[command(flatten)]
+    pub broker: BrokerUrl,
+
+    #[command(subcommand)]
+    pub command: DeadCommand,
+}
+
+/// `docket schedule` with its scheduler URL.
+#[derive(Debug, Args)]
+pub struct ScheduleGroup {
+    #[command(flatten)]
+    pub scheduler: SchedulerUrl,
+
+    #[command(subcommand)]
+    pub command: ScheduleCommand,
 }
 
 /// Flags of `docket dev`.
@@ -126,11 +198,20 @@ pub struct TaskArgs {
 /// Arguments of `docket enqueue`.
 #[derive(Debug, Args)]
 pub struct EnqueueArgs {
-    /// Queue name, such as `emails`.
-    pub queue: String,
+    #[command(flatten)]
+    pub broker: BrokerUrl,
 
-    /// Task kind, the name of the handler that runs it, such as `send_email`.
-    pub kind: String,
+    #[command(flatten)]
+    pub scheduler: SchedulerUrl,
+
+    /// Queue name, such as `emails`. With --file, the queue of lines that name none.
+    #[arg(required_unless_present = "file")]
+    pub queue: Option<String>,
+
+    /// Task kind, the name of the handler that runs it, such as `send_email`. With
+    /// --file, the kind of lines that name none.
+    #[arg(required_unless_present = "file")]
+    pub kind: Option<String>,
 
     #[command(flatten)]
     pub task: TaskArgs,
@@ -149,6 +230,20 @@ pub struct EnqueueArgs {
     /// `2030-01-01T09:00:00+01:00`.
     #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
     pub at: Option<DateTime<FixedOffset>>,
+
+    /// Enqueue many tasks from a file of JSON lines, `-` for stdin: one object per line
+    /// with the fields queue, kind, payload (a string) or json (any JSON value, sent with
+    /// the header content-type=application/json), headers, priority, max_attempts and
+    /// idempotency_key. Every line is checked before the first task is sent.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with_all = [
+            "payload", "payload_file", "headers", "priority", "max_attempts",
+            "idempotency_key", "delay", "at",
+        ]
+    )]
+    pub file: Option<PathBuf>,
 }
 
 /// Subcommands of `docket task`.
@@ -162,6 +257,13 @@ pub enum TaskCommand {
     /// Cancel a task. A waiting task is cancelled at once, and a running one's worker
     /// gets a cancellation notice.
     Cancel {
+        /// Task id, as `enqueue` printed it.
+        id: String,
+    },
+    /// Follow a task's state changes, one line per change, until it ends. With --json,
+    /// each line is one JSON object. Exits 0 when the task SUCCEEDED and 5 when it ended
+    /// DEAD or CANCELLED.
+    Watch {
         /// Task id, as `enqueue` printed it.
         id: String,
     },
@@ -192,6 +294,110 @@ pub enum QueueCommand {
         /// Queue name.
         queue: String,
     },
+    /// Show a queue's settings, with the broker's defaults filled in.
+    Settings {
+        /// Queue name.
+        queue: String,
+    },
+    /// Change some of a queue's settings and keep the others. The settings apply to
+    /// tasks enqueued afterwards.
+    Configure(QueueConfigureArgs),
+}
+
+/// Arguments of `docket queue configure`.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("setting").required(true).multiple(true).args([
+    "max_attempts", "initial_backoff", "max_backoff", "backoff_multiplier", "jitter",
+    "lease_duration", "retention", "dead_retention", "idempotency_window",
+]))]
+pub struct QueueConfigureArgs {
+    /// Queue name.
+    pub queue: String,
+
+    /// Maximum attempts of a task enqueued without its own, 1 to 100.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: Option<u32>,
+
+    /// Retry delay after the first failed attempt, 0s to 1 day.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub initial_backoff: Option<Duration>,
+
+    /// Maximum retry delay, at least --initial-backoff and at most 1 day.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_backoff: Option<Duration>,
+
+    /// Growth factor of the retry delay per failed attempt, 1.0 to 10.0.
+    #[arg(long, value_name = "FACTOR", value_parser = parse_multiplier)]
+    pub backoff_multiplier: Option<f64>,
+
+    /// Largest fraction, 0.0 to 1.0, by which a retry delay is randomly shortened.
+    #[arg(long, value_name = "FRACTION", value_parser = parse_jitter)]
+    pub jitter: Option<f64>,
+
+    /// Lease length of deliveries whose worker sets none, from 1s to the broker's
+    /// maximum lease length.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub lease_duration: Option<Duration>,
+
+    /// Time that succeeded and cancelled tasks are kept, 1 minute to 10 years.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub retention: Option<Duration>,
+
+    /// Time that dead tasks are kept, 1 minute to 10 years.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub dead_retention: Option<Duration>,
+
+    /// Time an idempotency key blocks a second task with the same key, 1s to 10 years.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idempotency_window: Option<Duration>,
+}
+
+/// Subcommands of `docket dead`.
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List dead tasks, oldest death first, one page at a time.
+    List(DeadListArgs),
+    /// Make dead tasks pending again with their attempts reset to 0.
+    Requeue(DeadSelectArgs),
+    /// Delete dead tasks.
+    Delete(DeadSelectArgs),
+}
+
+/// Arguments of `docket dead list`.
+#[derive(Debug, Args)]
+pub struct DeadListArgs {
+    /// Queue whose dead tasks to list. Without it, the dead tasks of every queue, queue
+    /// by queue in name order.
+    #[arg(long)]
+    pub queue: Option<String>,
+
+    /// Maximum number of tasks to show, 1 to 1000.
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: u32,
+
+    /// Token that the previous page printed, to show the next page. Pass the same
+    /// --queue as for the previous page.
+    #[arg(long, value_name = "TOKEN")]
+    pub page_token: Option<String>,
+}
+
+/// The dead tasks that `docket dead requeue` and `docket dead delete` act on.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("selection").required(true).args(["ids", "all"]))]
+pub struct DeadSelectArgs {
+    /// Ids of dead tasks. Ids that name no dead task are skipped and counted.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+
+    /// Every dead task of --queue.
+    #[arg(long, requires = "queue")]
+    pub all: bool,
+
+    /// Queue of the dead tasks; required with --all. With ids and no --queue, each task's
+    /// queue is looked up first.
+    #[arg(long)]
+    pub queue: Option<String>,
 }
 
 /// Subcommands of `docket schedule`.
@@ -291,6 +497,24 @@ fn parse_header(text: &str) -> Result<(String, String), String> {
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|err| format!("invalid duration {text:?}: {err} (examples: 500ms, 15s, 1h)"))
+}
+
+fn parse_multiplier(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (1.0..=10.0).contains(&value) => Ok(value),
+        _ => Err(format!(
+            "invalid multiplier {text:?}: use a number from 1.0 to 10.0, such as 2"
+        )),
+    }
+}
+
+fn parse_jitter(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!(
+            "invalid jitter {text:?}: use a fraction from 0.0 to 1.0, such as 0.2"
+        )),
+    }
 }
 
 fn parse_time(text: &str) -> Result<DateTime<FixedOffset>, String> {

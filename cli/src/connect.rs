@@ -40,11 +40,27 @@ impl Context {
         let channel = connect(Service::Broker, &self.broker_url).await?;
         Ok(docket::Client::from_channel(channel))
     }
+
+    /// Connects to the broker for a call that may last as long as the task it follows,
+    /// so without the per-call time limit.
+    pub async fn watch_client(&self) -> Result<docket::Client, CliError> {
+        let channel = connect_with(Service::Broker, &self.broker_url, None).await?;
+        Ok(docket::Client::from_channel(channel))
+    }
 }
 
 /// Connects to `service` at `url`. A bare `host:port` means plain-text HTTP/2, as in the
 /// SDK.
 async fn connect(service: Service, url: &str) -> Result<Channel, CliError> {
+    connect_with(service, url, Some(REQUEST_TIMEOUT)).await
+}
+
+/// Connects to `service` at `url`, limiting each call to `request_timeout` if given.
+async fn connect_with(
+    service: Service,
+    url: &str,
+    request_timeout: Option<Duration>,
+) -> Result<Channel, CliError> {
     let full_url = if url.contains("://") {
         url.to_owned()
     } else {
@@ -55,16 +71,15 @@ async fn connect(service: Service, url: &str) -> Result<Channel, CliError> {
             "invalid {service} URL {url:?}: {err}; expected a URL such as http://127.0.0.1:7070"
         ))
     })?;
-    endpoint
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT)
-        .connect()
-        .await
-        .map_err(|err| CliError::Connect {
-            service,
-            url: url.to_owned(),
-            detail: error_chain(&err),
-        })
+    let mut endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT);
+    if let Some(timeout) = request_timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    endpoint.connect().await.map_err(|err| CliError::Connect {
+        service,
+        url: url.to_owned(),
+        detail: error_chain(&err),
+    })
 }
 
 /// Joins an error and its sources with `: `, because a transport error's own message,

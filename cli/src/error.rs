@@ -39,16 +39,24 @@ pub enum CliError {
     Usage(String),
     /// The service returned a response that breaks the wire contract. Exit code 1.
     InvalidResponse { service: Service, detail: String },
+    /// Input that the command cannot use, with what to do about it, such as a bad line
+    /// of an `enqueue --file` file. Exit code 2.
+    Input { message: String, hint: String },
+    /// `task watch` saw the task end DEAD or CANCELLED. Exit code 5. Its output already
+    /// shows the final state, so nothing more is printed.
+    TaskEnded,
 }
 
 /// Exit code of a service error other than NOT_FOUND.
 const EXIT_SERVER_ERROR: u8 = 1;
 /// Exit code of a usage error; clap exits with the same code.
-const EXIT_USAGE: u8 = 2;
+pub const EXIT_USAGE: u8 = 2;
 /// Exit code when the broker or the scheduler cannot be reached.
 const EXIT_CONNECT: u8 = 3;
 /// Exit code of NOT_FOUND.
 const EXIT_NOT_FOUND: u8 = 4;
+/// Exit code of `task watch` when the task ended DEAD or CANCELLED.
+const EXIT_TASK_FAILED: u8 = 5;
 
 impl CliError {
     /// Wraps a status that `service` returned.
@@ -78,37 +86,90 @@ impl CliError {
                 EXIT_NOT_FOUND
             }
             CliError::Status { .. } | CliError::InvalidResponse { .. } => EXIT_SERVER_ERROR,
-            CliError::Usage(_) => EXIT_USAGE,
+            CliError::Usage(_) | CliError::Input { .. } => EXIT_USAGE,
+            CliError::TaskEnded => EXIT_TASK_FAILED,
         };
         ExitCode::from(code)
     }
-}
 
-impl fmt::Display for CliError {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// Returns a short machine-readable name of the error: the gRPC code name for a
+    /// status, and otherwise `CONNECT_FAILED`, `USAGE`, `INVALID_RESPONSE` or
+    /// `TASK_ENDED`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CliError::Connect { .. } => "CONNECT_FAILED",
+            CliError::Status { status, .. } => code_name(status.code()),
+            CliError::Usage(_) | CliError::Input { .. } => "USAGE",
+            CliError::InvalidResponse { .. } => "INVALID_RESPONSE",
+            CliError::TaskEnded => "TASK_ENDED",
+        }
+    }
+
+    /// Returns what failed, in one sentence.
+    pub fn message(&self) -> String {
         match self {
             CliError::Connect {
                 service,
                 url,
                 detail,
-            } => write!(
-                formatter,
-                "cannot connect to the {service} at {url}: {detail}\n\
-                 is the {service} running? start it with `docket dev`"
-            ),
-            CliError::Status { service, status } => write!(
-                formatter,
-                "the {service} returned {}: {}\n{}",
+            } => format!("cannot connect to the {service} at {url}: {detail}"),
+            CliError::Status { service, status } => format!(
+                "the {service} returned {}: {}",
                 code_name(status.code()),
-                status.message(),
-                hint(*service, status.code())
+                status.message()
             ),
-            CliError::Usage(message) => write!(formatter, "{message}"),
-            CliError::InvalidResponse { service, detail } => write!(
-                formatter,
-                "invalid response from the {service}: {detail}\n\
-                 check that the {service} and this command line are the same version"
-            ),
+            CliError::Usage(message) | CliError::Input { message, .. } => message.clone(),
+            CliError::InvalidResponse { service, detail } => {
+                format!("invalid response from the {service}: {detail}")
+            }
+            CliError::TaskEnded => "the task ended DEAD or CANCELLED".to_owned(),
+        }
+    }
+
+    /// Returns what the user can do about the error, if there is advice to give.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            CliError::Connect { service, .. } => Some(format!(
+                "is the {service} running? start it with `docket dev`, or pass its URL with \
+                 --{service} or DOCKET_{}",
+                service.to_string().to_uppercase()
+            )),
+            CliError::Status { service, status } => Some(hint(*service, status.code())),
+            CliError::Usage(_) => Some("run the command with --help for its usage".to_owned()),
+            CliError::Input { hint, .. } => Some(hint.clone()),
+            CliError::InvalidResponse { service, .. } => Some(format!(
+                "check that the {service} and this command line are the same version"
+            )),
+            CliError::TaskEnded => None,
+        }
+    }
+
+    /// Returns the error as the JSON object that `--json` prints on stderr.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut error = serde_json::Map::new();
+        error.insert("code".to_owned(), self.code().into());
+        error.insert("message".to_owned(), self.message().into());
+        if let Some(hint) = self.hint() {
+            error.insert("hint".to_owned(), hint.into());
+        }
+        match self {
+            CliError::Connect { service, .. }
+            | CliError::Status { service, .. }
+            | CliError::InvalidResponse { service, .. } => {
+                error.insert("service".to_owned(), service.to_string().into());
+            }
+            _ => {}
+        }
+        serde_json::json!({ "error": error })
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.message())?;
+        match self.hint() {
+            Some(hint) => write!(formatter, "\n{hint}"),
+            None => Ok(()),
         }
     }
 }

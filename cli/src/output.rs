@@ -137,12 +137,27 @@ pub fn table_text(headers: &[&str], rows: &[Vec<String>]) -> String {
 /// Prints a result: `document` as pretty JSON with `--json`, and `text` otherwise.
 pub fn print(json: bool, document: &Value, text: &str) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(document).expect("a serde_json Value always serializes")
-        );
+        let mut pretty =
+            serde_json::to_string_pretty(document).expect("a serde_json Value always serializes");
+        pretty.push('\n');
+        write_stdout(&pretty);
     } else {
-        print!("{text}");
+        write_stdout(text);
+    }
+}
+
+/// Writes `text` to stdout and flushes it. A closed stdout, such as a pipe into `head`,
+/// is not an error: the reader has what it wanted.
+pub fn write_stdout(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let result = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+    if let Err(err) = result
+        && err.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("docket: cannot write to stdout: {err}");
     }
 }
 

@@ -1,13 +1,14 @@
-//! `docket task get` and `docket task cancel`.
+//! `docket task get`, `docket task watch` and `docket task cancel`.
 
 use docket::proto::{CancelTaskRequest, TaskState, TaskStatus};
 use serde_json::{Map, Value, json};
+use tokio_stream::StreamExt;
 
 use crate::connect::Context;
 use crate::error::{CliError, Service};
 use crate::output::{
     bytes_text, enum_name, fields_text, headers_json, headers_text, insert_bytes, print,
-    timestamp_json, timestamp_text,
+    timestamp_json, timestamp_text, write_stdout,
 };
 
 /// Prints the task `id` with its state, attempts and history.
@@ -46,6 +47,91 @@ pub async fn cancel(context: &Context, id: String) -> Result<(), CliError> {
         &text,
     );
     Ok(())
+}
+
+/// Prints one line per state change of the task `id` until it reaches a final state.
+/// Returns [`CliError::TaskEnded`] when that state is DEAD or CANCELLED.
+pub async fn watch(context: &Context, id: String) -> Result<(), CliError> {
+    let client = context.watch_client().await?;
+    let mut changes = client
+        .watch_task(id)
+        .await
+        .map_err(|err| CliError::from_sdk(Service::Broker, err))?;
+    let mut last_state = TaskState::Unspecified;
+    while let Some(item) = changes.next().await {
+        let status = item.map_err(|err| CliError::from_sdk(Service::Broker, err))?;
+        last_state = status.state();
+        let line = if context.json {
+            change_json(&status).to_string()
+        } else {
+            change_text(&status)
+        };
+        write_stdout(&format!("{line}\n"));
+    }
+    match last_state {
+        TaskState::Succeeded => Ok(()),
+        _ => Err(CliError::TaskEnded),
+    }
+}
+
+/// Returns the attempt that a status is about: the running one while LEASED, and the
+/// last finished one otherwise.
+fn current_attempt(status: &TaskStatus) -> u32 {
+    if status.state() == TaskState::Leased {
+        status.attempts + 1
+    } else {
+        status.attempts
+    }
+}
+
+/// Returns the error worth showing with a status: the last attempt's error while the
+/// task waits for a retry or after it died.
+fn change_error(status: &TaskStatus) -> Option<&str> {
+    let failed = matches!(status.state(), TaskState::RetryWait | TaskState::Dead);
+    (failed && !status.last_error.is_empty()).then_some(status.last_error.as_str())
+}
+
+/// Returns one state change as a line: time, state, attempt and the error if any.
+fn change_text(status: &TaskStatus) -> String {
+    let max_attempts = status.task.as_ref().map_or(0, |task| task.max_attempts);
+    let mut line = format!(
+        "{}  {:<10}  attempt {}/{}",
+        timestamp_text(status.updated_at.as_ref()),
+        state_name(status.state()),
+        current_attempt(status),
+        max_attempts
+    );
+    if let Some(retry_at) = &status.retry_at
+        && status.state() == TaskState::RetryWait
+    {
+        line.push_str(&format!("  retry at {}", timestamp_text(Some(retry_at))));
+    }
+    if let Some(error) = change_error(status) {
+        line.push_str(&format!("  error: {}", one_line(error)));
+    }
+    line
+}
+
+/// Returns one state change as a JSON object for one line of NDJSON.
+fn change_json(status: &TaskStatus) -> Value {
+    let task = status.task.as_ref();
+    json!({
+        "time": timestamp_json(status.updated_at.as_ref()),
+        "task_id": task.map(|task| task.id.as_str()),
+        "queue": task.map(|task| task.queue.as_str()),
+        "kind": task.map(|task| task.kind.as_str()),
+        "state": state_name(status.state()),
+        "attempt": current_attempt(status),
+        "attempts": status.attempts,
+        "max_attempts": task.map_or(0, |task| task.max_attempts),
+        "retry_at": timestamp_json(status.retry_at.as_ref()),
+        "error": change_error(status),
+    })
+}
+
+/// Replaces line breaks so that a multi-line error stays on one line.
+pub fn one_line(text: &str) -> String {
+    text.replace(['\n', '\r'], " ")
 }
 
 /// Returns a task state's name, such as `PENDING`.

@@ -624,3 +624,56 @@ pub fn delivered_task_id(delivery: &Delivery) -> Result<String> {
         .map(|task| task.id.clone())
         .ok_or_else(|| anyhow!("delivery with lease {} has no task", delivery.lease_id))
 }
+
+/// Enqueues `count` single-attempt tasks to `queue`, receives them, and nacks each with
+/// `error`, so that all of them are DEAD on return. Returns their ids in enqueue order.
+pub async fn make_dead_tasks(
+    client: &mut BrokerClient<Channel>,
+    queue: &str,
+    count: usize,
+    error: &str,
+) -> Result<Vec<String>> {
+    /// The broker's default limit of tasks per Enqueue and items per Nack.
+    const BATCH: usize = 1000;
+    let mut ids = Vec::with_capacity(count);
+    let indices: Vec<usize> = (0..count).collect();
+    for chunk in indices.chunks(BATCH) {
+        let tasks = chunk
+            .iter()
+            .map(|index| {
+                let mut task = new_task(queue, "doomed", format!("task-{index}"));
+                task.max_attempts = 1;
+                task
+            })
+            .collect();
+        ids.extend(enqueue(client, tasks).await?);
+    }
+
+    let in_flight = u32::try_from(count.clamp(1, BATCH)).unwrap_or(1000);
+    let mut subscription = Subscription::open(client, &[queue], in_flight, None).await?;
+    let mut dead = 0;
+    while dead < count {
+        let batch = (count - dead).min(BATCH);
+        let deliveries = subscription.next_deliveries(batch).await?;
+        let nacks = deliveries
+            .iter()
+            .map(|delivery| v1::NegativeAcknowledgement {
+                lease_id: delivery.lease_id.clone(),
+                error: error.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        for result in nack_items(client, nacks).await? {
+            if result.state() != TaskState::Dead {
+                bail!(
+                    "Nack of lease {} left the task {:?} ({}), not DEAD",
+                    result.lease_id,
+                    result.state(),
+                    result.message
+                );
+            }
+        }
+        dead += batch;
+    }
+    Ok(ids)
+}
