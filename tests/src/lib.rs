@@ -5,6 +5,7 @@
 //! never builds them: run `cargo build --workspace --bins --examples` before the tests.
 //! It stops processes with Unix signals, so it runs on Unix only.
 
+pub mod cli;
 mod process;
 mod schedule;
 

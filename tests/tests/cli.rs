@@ -9,54 +9,12 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
+use docket_tests::cli::{docket, docket_json, docket_ok, text_at};
 use docket_tests::{
     BrokerProcess, SchedulerSetup, WAIT, cli_binary, get_schedule_by_name, get_task, queue_stats,
-    run_with_timeout, temp_dir, utc, wait_for_stats,
+    temp_dir, utc, wait_for_stats,
 };
 use serde_json::Value;
-
-/// Runs `docket` with `args` and returns its output. Inherited `DOCKET_*` variables are
-/// removed so that only the arguments configure it.
-async fn docket(args: &[&str]) -> Result<Output> {
-    let mut command = Command::new(cli_binary());
-    command.args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("DOCKET_") {
-            command.env_remove(name);
-        }
-    }
-    run_with_timeout(&mut command, WAIT).await
-}
-
-/// Runs `docket` with `args`, checks that it exits 0, and returns its stdout.
-async fn docket_ok(args: &[&str]) -> Result<String> {
-    let output = docket(args).await?;
-    if !output.status.success() {
-        bail!(
-            "docket {args:?} exited with {}; stdout:\n{}\nstderr:\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8(output.stdout)?)
-}
-
-/// Runs `docket --json` with `args`, checks that it exits 0, and parses its stdout.
-async fn docket_json(args: &[&str]) -> Result<Value> {
-    let mut all_args = vec!["--json"];
-    all_args.extend_from_slice(args);
-    let stdout = docket_ok(&all_args).await?;
-    serde_json::from_str(&stdout).with_context(|| format!("stdout is not JSON:\n{stdout}"))
-}
-
-/// Returns the string at `pointer` in `document`, failing if it is missing.
-fn text_at<'a>(document: &'a Value, pointer: &str) -> Result<&'a str> {
-    document
-        .pointer(pointer)
-        .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("no string at {pointer} in {document:#}"))
-}
 
 /// Returns the number at `pointer` in `document`, failing if it is missing.
 fn number_at(document: &Value, pointer: &str) -> Result<u64> {

@@ -5,50 +5,15 @@
 use std::collections::HashSet;
 use std::process::Output;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
+use docket_tests::cli::{docket, docket_json, docket_ok};
 use docket_tests::{
-    BrokerProcess, WAIT, cli_binary, enqueue, get_task, make_dead_tasks, new_task, queue_stats,
-    run_with_timeout, temp_dir,
+    BrokerProcess, enqueue, get_task, make_dead_tasks, new_task, queue_stats, temp_dir,
 };
 use serde_json::Value;
 
 /// A task id that is a well-formed UUIDv7 but was never issued by the broker.
 const UNKNOWN_TASK_ID: &str = "0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b";
-
-/// Runs `docket` with `args` and returns its output. Inherited `DOCKET_*` variables are
-/// removed so that only the arguments configure it.
-async fn docket(args: &[&str]) -> Result<Output> {
-    let mut command = std::process::Command::new(cli_binary());
-    command.args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("DOCKET_") {
-            command.env_remove(name);
-        }
-    }
-    run_with_timeout(&mut command, WAIT).await
-}
-
-/// Runs `docket` with `args`, checks that it exits 0, and returns its stdout.
-async fn docket_ok(args: &[&str]) -> Result<String> {
-    let output = docket(args).await?;
-    if !output.status.success() {
-        bail!(
-            "docket {args:?} exited with {}; stdout:\n{}\nstderr:\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8(output.stdout)?)
-}
-
-/// Runs `docket --json` with `args`, checks that it exits 0, and parses its stdout.
-async fn docket_json(args: &[&str]) -> Result<Value> {
-    let mut all_args = vec!["--json"];
-    all_args.extend_from_slice(args);
-    let stdout = docket_ok(&all_args).await?;
-    serde_json::from_str(&stdout).with_context(|| format!("stdout is not JSON:\n{stdout}"))
-}
 
 /// Returns the ids of the tasks in a `dead list --json` document.
 fn listed_ids(document: &Value) -> Result<Vec<String>> {

@@ -2,14 +2,15 @@
 //! errors and the placement of the `--broker` flag, against a real broker process.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use docket_tests::cli::{docket, docket_command, docket_json, docket_ok};
 use docket_tests::v1::{GetQueueSettingsRequest, NegativeAcknowledgement};
 use docket_tests::{
-    BrokerProcess, Subscription, WAIT, ack, cli_binary, get_task, nack, nack_items, proto_duration,
+    BrokerProcess, Subscription, WAIT, ack, get_task, nack, nack_items, proto_duration,
     queue_stats, run_with_timeout, temp_dir,
 };
 use serde_json::{Value, json};
@@ -19,45 +20,6 @@ const QUEUE: &str = "jobs";
 
 /// A task id that is a well-formed UUIDv7 but was never issued by the broker.
 const UNKNOWN_TASK_ID: &str = "0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b";
-
-/// Returns `docket` with `args`, without inherited `DOCKET_*` variables.
-fn docket_command(args: &[&str]) -> Command {
-    let mut command = Command::new(cli_binary());
-    command.args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("DOCKET_") {
-            command.env_remove(name);
-        }
-    }
-    command
-}
-
-/// Runs `docket` with `args` and returns its output.
-async fn docket(args: &[&str]) -> Result<Output> {
-    run_with_timeout(&mut docket_command(args), WAIT).await
-}
-
-/// Runs `docket` with `args`, checks that it exits 0, and returns its stdout.
-async fn docket_ok(args: &[&str]) -> Result<String> {
-    let output = docket(args).await?;
-    if !output.status.success() {
-        bail!(
-            "docket {args:?} exited with {}; stdout:\n{}\nstderr:\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8(output.stdout)?)
-}
-
-/// Runs `docket --json` with `args`, checks that it exits 0, and parses its stdout.
-async fn docket_json(args: &[&str]) -> Result<Value> {
-    let mut all_args = vec!["--json"];
-    all_args.extend_from_slice(args);
-    let stdout = docket_ok(&all_args).await?;
-    serde_json::from_str(&stdout).with_context(|| format!("stdout is not JSON:\n{stdout}"))
-}
 
 /// Runs `docket` with `args` and `input` on stdin, and returns its output.
 async fn docket_with_stdin(args: &[&str], input: String) -> Result<Output> {

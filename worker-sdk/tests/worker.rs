@@ -742,6 +742,58 @@ async fn invalid_subscription_stops_worker() {
     assert_eq!(error.code(), Some(tonic::Code::InvalidArgument), "{error}");
 }
 
+/// Handlers that report their task id when they start and then wait until the gate
+/// opens.
+struct Gate {
+    started: mpsc::UnboundedReceiver<String>,
+    report: mpsc::UnboundedSender<String>,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    fn new() -> Self {
+        let (report, started) = mpsc::unbounded_channel();
+        Gate {
+            started,
+            report,
+            open: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Returns a handler that waits at this gate.
+    fn handler(
+        &self,
+    ) -> impl Fn(TaskContext) -> std::pin::Pin<Box<dyn Future<Output = HandlerResult> + Send>>
+    + Send
+    + Sync
+    + 'static {
+        let report = self.report.clone();
+        let open = self.open.clone();
+        move |task: TaskContext| {
+            let report = report.clone();
+            let mut opened = open.subscribe();
+            Box::pin(async move {
+                report.send(task.id().to_owned()).unwrap();
+                let _ = opened.wait_for(|open| *open).await;
+                Ok(None)
+            })
+        }
+    }
+
+    /// Waits for the next handler to start and returns its task id.
+    async fn next_started(&mut self) -> Option<String> {
+        tokio::time::timeout(TIMEOUT, self.started.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Lets every waiting and later handler finish.
+    fn open(&self) {
+        self.open.send_replace(true);
+    }
+}
+
 #[tokio::test]
 async fn handlers_are_chosen_by_kind() {
     let mut harness = start_broker(None, None).await;
@@ -875,21 +927,12 @@ async fn queue_weights_reach_the_subscription() {
 #[tokio::test]
 async fn cancel_before_start_releases_task() {
     let mut harness = start_broker(None, None).await;
-    let (started, mut started_receiver) = mpsc::unbounded_channel::<String>();
-    let (release, release_receiver) = tokio::sync::watch::channel(false);
+    let mut gate = Gate::new();
     let worker = Worker::builder(harness.client.clone())
         .queue("jobs")
         .concurrency(1)
         .max_in_flight(2)
-        .build(move |task: TaskContext| {
-            let started = started.clone();
-            let mut release = release_receiver.clone();
-            async move {
-                started.send(task.id().to_owned()).unwrap();
-                let _ = release.wait_for(|released| *released).await;
-                HandlerResult::Ok(None)
-            }
-        })
+        .build(gate.handler())
         .unwrap();
     let (stop, shutdown) = shutdown_signal();
     let running = tokio::spawn(worker.run(shutdown));
@@ -897,7 +940,7 @@ async fn cancel_before_start_releases_task() {
 
     // The only slot is busy with task 1, so task 2 waits in the worker.
     subscription.events.send(delivery("ok", 1)).await.unwrap();
-    assert_eq!(started_receiver.recv().await.as_deref(), Some("task-1"));
+    assert_eq!(gate.next_started().await.as_deref(), Some("task-1"));
     subscription.events.send(delivery("ok", 2)).await.unwrap();
     let notice = SubscribeResponse {
         event: Some(Event::CancelNotice(CancelNotice {
@@ -914,13 +957,13 @@ async fn cancel_before_start_releases_task() {
             lease_id: "lease-2".to_owned(),
         }
     );
-    release.send_replace(true);
+    gate.open();
     assert!(matches!(
         harness.next_settlement().await,
         Settlement::Ack { lease_id, .. } if lease_id == "lease-1"
     ));
     subscription.events.send(delivery("ok", 3)).await.unwrap();
-    assert_eq!(started_receiver.recv().await.as_deref(), Some("task-3"));
+    assert_eq!(gate.next_started().await.as_deref(), Some("task-3"));
 
     stop.send(()).unwrap();
     tokio::time::timeout(TIMEOUT, running)
@@ -928,38 +971,26 @@ async fn cancel_before_start_releases_task() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert!(
-        started_receiver.try_recv().is_err(),
-        "the cancelled task ran"
-    );
+    assert!(gate.started.try_recv().is_err(), "the cancelled task ran");
 }
 
 #[tokio::test]
 async fn unstarted_deliveries_are_released_at_shutdown() {
     let mut harness = start_broker(None, None).await;
-    let (started, mut started_receiver) = mpsc::unbounded_channel::<String>();
-    let (release, release_receiver) = tokio::sync::watch::channel(false);
+    let mut gate = Gate::new();
     let worker = Worker::builder(harness.client.clone())
         .queue("jobs")
         .concurrency(1)
         .max_in_flight(3)
         .shutdown_grace(Duration::from_secs(10))
-        .build(move |task: TaskContext| {
-            let started = started.clone();
-            let mut release = release_receiver.clone();
-            async move {
-                started.send(task.id().to_owned()).unwrap();
-                let _ = release.wait_for(|released| *released).await;
-                HandlerResult::Ok(None)
-            }
-        })
+        .build(gate.handler())
         .unwrap();
     let (stop, shutdown) = shutdown_signal();
     let running = tokio::spawn(worker.run(shutdown));
     let subscription = harness.next_subscription().await;
 
     subscription.events.send(delivery("ok", 1)).await.unwrap();
-    assert_eq!(started_receiver.recv().await.as_deref(), Some("task-1"));
+    assert_eq!(gate.next_started().await.as_deref(), Some("task-1"));
     subscription.events.send(delivery("ok", 2)).await.unwrap();
     // Task 2 waits for the busy slot when shutdown starts, so it is released unrun.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -978,7 +1009,7 @@ async fn unstarted_deliveries_are_released_at_shutdown() {
             lease_id: "lease-3".to_owned(),
         }
     );
-    release.send_replace(true);
+    gate.open();
     assert!(matches!(
         harness.next_settlement().await,
         Settlement::Ack { lease_id, .. } if lease_id == "lease-1"
@@ -989,7 +1020,7 @@ async fn unstarted_deliveries_are_released_at_shutdown() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert!(started_receiver.try_recv().is_err(), "a released task ran");
+    assert!(gate.started.try_recv().is_err(), "a released task ran");
 }
 
 #[tokio::test]
