@@ -517,3 +517,28 @@ async fn idempotency_key_returns_the_first_task() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn panicking_handler_nacks_and_worker_survives() -> Result<()> {
+    let setup = Setup::start().await?;
+    let worker = RunningWorker::start(&setup.client, None, |task: TaskContext| async move {
+        if task.attempt() == 1 {
+            panic!("report template missing for {}", task.id());
+        }
+        Ok(Some(Bytes::from("rendered")))
+    })?;
+
+    let task_id = setup
+        .enqueue(Task::new(QUEUE, KIND).max_attempts(3))
+        .await?;
+    let status = setup.wait_for_state(&task_id, TaskState::Succeeded).await?;
+    worker.stop().await?;
+
+    assert_eq!(status.attempts, 2, "attempts of {task_id}: {status:?}");
+    assert_eq!(
+        status.attempt_history[0].error,
+        format!("handler panicked: report template missing for {task_id}")
+    );
+    assert_eq!(status.result, Bytes::from("rendered"));
+    Ok(())
+}
