@@ -115,6 +115,16 @@ pub struct Config {
     /// Time that shutdown waits for pending commits before it gives up.
     #[arg(long, env = "DOCKET_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Test hook: store recovery waits while this file exists, so that a test can observe
+    /// the broker before its store is ready.
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub hold_recovery_while_exists: Option<PathBuf>,
+
+    /// Test hook: every commit fails while this file exists, so that a test can observe
+    /// the broker while its store fails.
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub fail_commits_while_exists: Option<PathBuf>,
 }
 
 /// Upper bound on any task's maximum attempts.

@@ -112,6 +112,13 @@ pub enum StoreError {
     /// The storage writer has stopped, so nothing more can be committed.
     #[error("the storage writer has stopped")]
     WriterStopped,
+
+    /// A commit failed on purpose, through the test hook `--fail-commits-while-exists`.
+    #[error("commit failed on purpose while the test file {path} exists")]
+    TestFault {
+        /// The test file.
+        path: std::path::PathBuf,
+    },
 }
 
 macro_rules! redb_error_into_store_error {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
+pub mod health;
 pub mod process;
 pub mod retry;
 pub mod settings;
@@ -17,11 +18,12 @@ pub mod store;
 pub mod task;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use docket_proto::v1::broker_server::BrokerServer;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
@@ -31,6 +33,7 @@ use tonic_health::ServingStatus;
 pub use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::error::StoreError;
+use crate::health::HealthStatus;
 use crate::retry::RetryPolicy;
 use crate::settings::{Defaults, SettingsCache};
 use crate::store::Store;
@@ -73,41 +76,65 @@ pub enum ServeError {
 
 /// Runs a broker with `config` until `shutdown` is cancelled.
 ///
-/// Recovers the store, binds the listen address, serves gRPC with health checking and
-/// server reflection, and on shutdown ends every Subscribe stream with `UNAVAILABLE` and
-/// waits up to the configured grace period for pending commits.
+/// Binds the listen address first and serves health checking and server reflection at
+/// once, reporting NOT_SERVING, while it recovers the store; Broker calls meanwhile fail
+/// with `UNAVAILABLE`. Then it reports SERVING, and NOT_SERVING again while commits fail
+/// and from the first moment of shutdown. On shutdown it ends every Subscribe stream with
+/// `UNAVAILABLE` and waits up to the configured grace period for pending commits.
 ///
 /// # Errors
 ///
-/// Fails if the store cannot be opened or recovered, the address cannot be bound, or the
+/// Fails if the address cannot be bound, the store cannot be opened or recovered, or the
 /// server fails.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+
+    let (health, health_service) = health::health_service(HEALTH_SERVICE_NAME);
+    let (reflection, reflection_alpha) = process::reflection_services(HEALTH_SERVICE_NAME);
+    let ready = Arc::new(OnceLock::new());
+    tracing::info!(addr = %local_addr, "broker listening");
+    // `Server::tcp_nodelay` applies only to listeners that tonic binds itself, so the
+    // incoming stream sets it. Without it, Nagle's algorithm delays small responses.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = tokio::spawn(
+        Server::builder()
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(grpc::WhenReady::new(Arc::clone(&ready)))
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
+    );
+
     let started = std::time::Instant::now();
-    let defaults = Defaults {
-        max_attempts: config.default_max_attempts,
-        retry_policy: RetryPolicy {
-            initial_backoff: config.retry_initial_backoff,
-            multiplier: config.retry_multiplier,
-            max_backoff: config.retry_max_backoff,
-            jitter: config.retry_jitter,
-        },
-        lease_duration: config.lease_duration,
-        retention: config.retention,
-        dead_retention: config.dead_retention,
-        idempotency_window: config.idempotency_window,
+    let recovered = tokio::select! {
+        recovered = recover(&config) => recovered,
+        () = shutdown.cancelled() => {
+            health.close();
+            process::drain_server(server, &shutdown, config.shutdown_grace).await?;
+            tracing::info!("broker stopped before its store was ready");
+            return Ok(());
+        }
     };
-    let data_dir = config.data_dir.clone();
-    let path = config.database_path();
-    let recovery_defaults = defaults.clone();
-    let window = config.dispatch_window.max(2);
-    let cache_bytes = config.cache_bytes;
-    let (store, recovered) = tokio::task::spawn_blocking(move || {
-        let store = Store::open(&data_dir, &path, cache_bytes)?;
-        let recovered = store.recover(&recovery_defaults, window)?;
-        Ok::<_, StoreError>((store, recovered))
-    })
-    .await
-    .map_err(|_| StoreError::WriterStopped)??;
+    let (store, recovered) = match recovered {
+        Ok(recovered) => recovered,
+        Err(err) => {
+            shutdown.cancel();
+            health.close();
+            let _ = process::drain_server(server, &shutdown, config.shutdown_grace).await;
+            return Err(err.into());
+        }
+    };
     let store = Arc::new(store);
     tracing::info!(
         path = %config.database_path().display(),
@@ -116,7 +143,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         "store recovered"
     );
 
-    let settings = SettingsCache::new(defaults, recovered.settings);
+    let settings = SettingsCache::new(defaults(&config), recovered.settings);
     let dispatcher = Arc::new(Dispatcher::new(config.dispatch_window, {
         let settings = settings.clone();
         move |queue| settings.get(queue).lease_duration
@@ -157,67 +184,101 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         shutdown.clone(),
     ));
     tasks.spawn(dispatch::timers::run_purge(
-        writer,
+        writer.clone(),
         config.purge_interval,
         shutdown.clone(),
     ));
-
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_service_status(HEALTH_SERVICE_NAME, ServingStatus::Serving)
-        .await;
-    tasks.spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            health
-                .set_service_status(HEALTH_SERVICE_NAME, ServingStatus::NotServing)
-                .await;
-        }
-    });
-
-    let (reflection, reflection_alpha) = process::reflection_services(HEALTH_SERVICE_NAME);
     let service = BrokerServer::new(grpc::BrokerService::new(Arc::clone(&broker)))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    tracing::info!(addr = %local_addr, "broker listening");
-    // `Server::tcp_nodelay` applies only to listeners that tonic binds itself, so the
-    // incoming stream sets it. Without it, Nagle's algorithm delays small responses.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let served = Server::builder()
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
-        .await;
+    // `set` fails only if the cell is full, and only this line fills it.
+    let _ = ready.set(service);
+    // SERVING follows only once calls go through.
+    tasks.spawn(report_health(health, writer.committing(), shutdown.clone()));
+    drop(writer);
 
+    let served = process::drain_server(server, &shutdown, config.shutdown_grace).await;
     tracing::info!("broker stopping");
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
+    drop(ready);
     drop(broker);
     wait_for_writer(writer_thread, config.shutdown_grace).await;
     served?;
     tracing::info!("broker stopped");
     Ok(())
+}
+
+/// Opens and recovers the store, after the test hook's file is gone if one is set.
+async fn recover(config: &Config) -> Result<(Store, store::Recovered), StoreError> {
+    if let Some(path) = &config.hold_recovery_while_exists {
+        tracing::info!(path = %path.display(), "test hook: recovery waits while this file exists");
+        while path.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let data_dir = config.data_dir.clone();
+    let path = config.database_path();
+    let recovery_defaults = defaults(config);
+    let window = config.dispatch_window.max(2);
+    let cache_bytes = config.cache_bytes;
+    let fault_file = config.fail_commits_while_exists.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut store = Store::open(&data_dir, &path, cache_bytes)?;
+        if let Some(fault_file) = fault_file {
+            store.fail_commits_while_exists(fault_file);
+        }
+        let recovered = store.recover(&recovery_defaults, window)?;
+        Ok::<_, StoreError>((store, recovered))
+    })
+    .await
+    .map_err(|_| StoreError::WriterStopped)?
+}
+
+/// Returns the defaults of queues without their own settings.
+fn defaults(config: &Config) -> Defaults {
+    Defaults {
+        max_attempts: config.default_max_attempts,
+        retry_policy: RetryPolicy {
+            initial_backoff: config.retry_initial_backoff,
+            multiplier: config.retry_multiplier,
+            max_backoff: config.retry_max_backoff,
+            jitter: config.retry_jitter,
+        },
+        lease_duration: config.lease_duration,
+        retention: config.retention,
+        dead_retention: config.dead_retention,
+        idempotency_window: config.idempotency_window,
+    }
+}
+
+/// Reports SERVING while commits succeed and NOT_SERVING while they fail, until shutdown
+/// begins, which reports NOT_SERVING for good.
+async fn report_health(
+    health: HealthStatus,
+    mut committing: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let status = if *committing.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if status != health.get() {
+            tracing::info!(%status, "health changed");
+        }
+        health.set(status);
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = committing.changed() => if changed.is_err() {
+                // The writer stopped, so nothing more can be stored.
+                break;
+            },
+        }
+    }
+    health.close();
 }
 
 /// Waits for the writer thread to commit what it holds, for at most `grace`.

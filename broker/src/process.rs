@@ -2,7 +2,9 @@
 //! reflection.
 
 use std::io::IsTerminal;
+use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 use tonic_reflection::server::v1alpha::{
@@ -78,3 +80,34 @@ const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
 
 /// Name of the gRPC server reflection service, version 1alpha.
 const ALPHA_REFLECTION_SERVICE: &str = "grpc.reflection.v1alpha.ServerReflection";
+
+/// Waits for the gRPC server to finish its graceful shutdown once `shutdown` is
+/// cancelled, for at most `grace` from then, and stops it after that, so that calls that
+/// never end cannot hold up the exit.
+pub async fn drain_server(
+    mut server: JoinHandle<Result<(), tonic::transport::Error>>,
+    shutdown: &CancellationToken,
+    grace: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let joined = tokio::select! {
+        joined = &mut server => joined,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "open calls did not finish within the shutdown grace period; closing them"
+            );
+            server.abort();
+            return Ok(());
+        }
+    };
+    match joined {
+        Ok(served) => served,
+        Err(join_error) if join_error.is_panic() => {
+            std::panic::resume_unwind(join_error.into_panic())
+        }
+        Err(_) => Ok(()),
+    }
+}

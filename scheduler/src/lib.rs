@@ -37,7 +37,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Endpoint, Server};
-use tonic_health::ServingStatus;
 
 pub use crate::config::Config;
 use crate::release::ReleaseConfig;
@@ -129,13 +128,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         source,
     })?;
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(HEALTH_SERVICE_NAME, ServingStatus::NotServing)
-        .await;
+    let (health, health_service) = docket_broker::health::health_service(HEALTH_SERVICE_NAME);
     let (reflection, reflection_alpha) =
         docket_broker::process::reflection_services(HEALTH_SERVICE_NAME);
 
@@ -157,19 +150,6 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     );
 
     let tasks = TaskTracker::new();
-    tasks.spawn({
-        let shutdown = shutdown.clone();
-        let health = health.clone();
-        async move {
-            shutdown.cancelled().await;
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            health
-                .set_service_status(HEALTH_SERVICE_NAME, ServingStatus::NotServing)
-                .await;
-        }
-    });
 
     let started = std::time::Instant::now();
     let data_dir = config.data_dir.clone();
@@ -182,6 +162,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         Ok(store) => Arc::new(store),
         Err(err) => {
             shutdown.cancel();
+            health.close();
             let _ = server.await;
             return Err(err.into());
         }
@@ -230,7 +211,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         shutdown.clone(),
     ));
 
-    let served = server.await.expect("the gRPC server task does not panic");
+    let served =
+        docket_broker::process::drain_server(server, &shutdown, config.shutdown_grace).await;
     tracing::info!("scheduler stopping");
     shutdown.cancel();
     if tokio::time::timeout(config.shutdown_grace, release)

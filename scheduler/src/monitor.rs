@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use docket_broker::health::HealthStatus;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -10,9 +11,6 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::server::HealthReporter;
-
-use crate::HEALTH_SERVICE_NAME;
 
 /// Service name under which the broker reports its health.
 const BROKER_SERVICE_NAME: &str = "docket.v1.Broker";
@@ -25,12 +23,23 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Watches the broker's health service on `channel` until `shutdown` is cancelled, and
 /// sets the scheduler's health to match: SERVING while the broker reports SERVING,
-/// NOT_SERVING otherwise.
+/// NOT_SERVING otherwise. From the moment `shutdown` is cancelled the scheduler reports
+/// NOT_SERVING for good.
 pub async fn watch_broker(
     channel: Channel,
     broker: String,
-    health: HealthReporter,
+    health: HealthStatus,
     shutdown: CancellationToken,
+) {
+    follow_broker(channel, &broker, &health, &shutdown).await;
+    health.close();
+}
+
+async fn follow_broker(
+    channel: Channel,
+    broker: &str,
+    health: &HealthStatus,
+    shutdown: &CancellationToken,
 ) {
     let mut reachable = None;
     let mut delay = FIRST_RETRY_DELAY;
@@ -60,7 +69,7 @@ pub async fn watch_broker(
                             if shutdown.is_cancelled() {
                                 return;
                             }
-                            report(&health, &mut reachable, serving, &broker, &reason).await;
+                            report(health, &mut reachable, serving, broker, &reason);
                         }
                         Some(Err(status)) => break status.message().to_string(),
                         None => break "the broker ended the health watch".to_string(),
@@ -69,7 +78,7 @@ pub async fn watch_broker(
             }
             Err(status) => format!("{:?}: {}", status.code(), status.message()),
         };
-        report(&health, &mut reachable, false, &broker, &error).await;
+        report(health, &mut reachable, false, broker, &error);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = shutdown.cancelled() => return,
@@ -79,8 +88,8 @@ pub async fn watch_broker(
 }
 
 /// Sets the scheduler's health, and logs each change of the broker's reachability.
-async fn report(
-    health: &HealthReporter,
+fn report(
+    health: &HealthStatus,
     reachable: &mut Option<bool>,
     serving: bool,
     broker: &str,
@@ -109,6 +118,5 @@ async fn report(
         );
         ServingStatus::NotServing
     };
-    health.set_service_status("", status).await;
-    health.set_service_status(HEALTH_SERVICE_NAME, status).await;
+    health.set(status);
 }

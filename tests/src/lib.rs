@@ -28,7 +28,7 @@ use tokio::time::{Instant, timeout};
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-pub use process::{BrokerProcess, SCHEDULER_SERVICE, SchedulerProcess};
+pub use process::{BROKER_SERVICE, BrokerProcess, SCHEDULER_SERVICE, SchedulerProcess};
 pub use schedule::{
     FIRE_TIME_HEADER, SCHEDULE_ID_HEADER, SCHEDULE_NAME_HEADER, SchedulerSetup,
     ack_all_and_expect_only_them, cron_recurrence, delivered_fire_time, format_utc, get_schedule,

@@ -22,7 +22,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::{WAIT, broker_binary, scheduler_binary};
 
 /// Health-checked service name that the broker reports as SERVING once it is ready.
-const BROKER_SERVICE: &str = "docket.v1.Broker";
+pub const BROKER_SERVICE: &str = "docket.v1.Broker";
 
 /// Health-checked service name that the scheduler reports as SERVING once its store is
 /// open and it reaches its broker.
@@ -358,6 +358,28 @@ impl BrokerProcess {
         Self::wait_until_ready(process, data_dir).await
     }
 
+    /// Starts the broker like [`BrokerProcess::start`] but waits only for its listening
+    /// line, not for SERVING, for tests of the time before its store is ready.
+    pub async fn start_unready(data_dir: &Path, extra_args: &[&str]) -> Result<Self> {
+        let args = broker_args(SocketAddr::from(([127, 0, 0, 1], 0)), data_dir, extra_args);
+        let process = ServiceProcess::spawn("broker", &broker_binary(), &args).await?;
+        Ok(BrokerProcess {
+            process,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    /// Checks the health of `service` once: [`BROKER_SERVICE`] or "" for the whole server.
+    pub async fn health(&self, service: &str) -> Result<ServingStatus> {
+        self.process.health(service).await
+    }
+
+    /// Polls the health service until it reports `expected` for [`BROKER_SERVICE`],
+    /// failing after [`WAIT`].
+    pub async fn wait_for_health(&self, expected: ServingStatus) -> Result<()> {
+        self.process.wait_for_health(BROKER_SERVICE, expected).await
+    }
+
     /// Starts the broker on `addr`, such as the address of a broker that a test stopped,
     /// and waits until it reports SERVING. It retries for up to [`WAIT`] while the port is
     /// still in use.
@@ -406,7 +428,13 @@ impl BrokerProcess {
 
     /// Connects a new client on its own HTTP/2 connection.
     pub async fn client(&self) -> Result<BrokerClient<Channel>> {
-        Ok(BrokerClient::new(self.process.channel().await?))
+        Ok(BrokerClient::new(self.client_channel().await?))
+    }
+
+    /// Connects a new channel on its own HTTP/2 connection, for any of the broker's
+    /// services.
+    pub async fn client_channel(&self) -> Result<Channel> {
+        self.process.channel().await
     }
 
     /// Returns everything the broker wrote to stderr so far.

@@ -2,6 +2,7 @@
 //! into responses. Validation of wire values happens here, once.
 
 mod convert;
+mod ready;
 mod status;
 mod subscription;
 mod watch;
@@ -30,6 +31,8 @@ const MAX_WEIGHT: u32 = 100;
 /// Maximum page size of ListDeadTasks, and the page size when the request sets none.
 const MAX_PAGE_SIZE: usize = 1000;
 const DEFAULT_PAGE_SIZE: usize = 100;
+
+pub use self::ready::WhenReady;
 
 /// The gRPC service over a shared [`Broker`].
 pub struct BrokerService {

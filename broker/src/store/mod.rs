@@ -10,7 +10,7 @@ pub mod records;
 pub mod writer;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use docket_proto::storage::{QueueSettingsRecord, TaskRecord, TaskRecordState};
@@ -53,6 +53,8 @@ pub(crate) const QUEUES: TableDefinition<&str, &[u8]> = TableDefinition::new("qu
 /// The broker's redb database.
 pub struct Store {
     db: Database,
+    /// Test hook: every commit fails while this file exists.
+    fault_file: Option<PathBuf>,
 }
 
 /// State that the broker rebuilds from the store at start-up.
@@ -112,6 +114,18 @@ fn upgrade_from_v2(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
 }
 
 impl Store {
+    /// Makes every commit fail while `path` exists. A test hook for store failures.
+    pub fn fail_commits_while_exists(&mut self, path: PathBuf) {
+        self.fault_file = Some(path);
+    }
+
+    /// Returns the injected failure of the next commit, if the test hook's file exists.
+    pub(crate) fn injected_fault(&self) -> Option<StoreError> {
+        let path = self.fault_file.as_ref()?;
+        path.exists()
+            .then(|| StoreError::TestFault { path: path.clone() })
+    }
+
     /// Opens the database in `data_dir`, creating the folder and the file if missing, with a
     /// page cache of at most `cache_bytes`.
     ///
@@ -149,7 +163,10 @@ impl Store {
         txn.open_table(DEAD)?;
         txn.commit()?;
 
-        let store = Store { db };
+        let store = Store {
+            db,
+            fault_file: None,
+        };
         store.upgrade_schema()?;
         Ok(store)
     }

@@ -15,7 +15,7 @@ use docket_proto::v1::TaskState;
 use prost::bytes::Bytes;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::apply::{self, Context, Tables};
 use super::{Store, status_of};
@@ -184,9 +184,16 @@ pub const DEAD_BATCH: usize = apply::DEAD_BATCH;
 #[derive(Clone)]
 pub struct WriterHandle {
     sender: mpsc::Sender<WriteOp>,
+    committing: watch::Receiver<bool>,
 }
 
 impl WriterHandle {
+    /// Returns a receiver of whether the last commit succeeded. It starts `true` and
+    /// changes when a commit fails and when one succeeds again after a failure.
+    pub fn committing(&self) -> watch::Receiver<bool> {
+        self.committing.clone()
+    }
+
     /// Queues a request, waiting while the channel is full.
     ///
     /// # Errors
@@ -244,7 +251,9 @@ pub fn spawn(
     max_batch: usize,
 ) -> std::io::Result<(WriterHandle, JoinHandle<()>)> {
     let (sender, receiver) = mpsc::channel(capacity.max(1));
+    let (committing, committing_receiver) = watch::channel(true);
     let writer = Writer {
+        committing,
         store,
         dispatcher,
         settings,
@@ -257,10 +266,18 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("docket-writer".into())
         .spawn(move || writer.run(receiver))?;
-    Ok((WriterHandle { sender }, thread))
+    Ok((
+        WriterHandle {
+            sender,
+            committing: committing_receiver,
+        },
+        thread,
+    ))
 }
 
 struct Writer {
+    /// Whether the last commit succeeded.
+    committing: watch::Sender<bool>,
     store: Arc<Store>,
     dispatcher: Arc<Dispatcher>,
     settings: SettingsCache,
@@ -344,6 +361,7 @@ impl Writer {
             Ok(outcomes) => outcomes,
             Err(err) => {
                 tracing::error!(error = %err, requests = batch.len(), "commit failed; the batch is rolled back");
+                self.committing.send_replace(false);
                 let mut buffers = Buffers::take_from(cx);
                 let message = err.to_string();
                 for op in batch.drain(..) {
@@ -355,6 +373,10 @@ impl Writer {
             }
         };
 
+        if !*self.committing.borrow() {
+            tracing::info!("commits succeed again");
+            self.committing.send_replace(true);
+        }
         let mut buffers = Buffers::take_from(cx);
         for (op, outcome) in batch.iter().zip(&outcomes) {
             if let (WriteOp::UpdateSettings { queue, .. }, Ok(Done::Settings(record))) =
@@ -410,6 +432,9 @@ fn apply_batch(
             outcomes.push(apply_one(&mut tables, cx, op)?);
         }
         tables.finish_batch(cx)?;
+    }
+    if let Some(fault) = store.injected_fault() {
+        return Err(fault);
     }
     txn.commit()?;
     Ok(outcomes)
