@@ -977,6 +977,9 @@ impl Sequence {
     /// model: only ready tasks, best first within a queue, within each stream's credit.
     fn take_deliveries(&mut self) {
         let context = self.context();
+        // A refill that the writer applies while the streams are read delivers after the
+        // reads, so free credit is only checked if no refill was outstanding before them.
+        let refilled_during_reads = self.system().dispatcher.refills_outstanding();
         let mut delivered: Vec<(usize, TaskId)> = Vec::new();
         for (index, subscriber) in self.subscribers.iter_mut().enumerate() {
             if subscriber.closed {
@@ -1067,7 +1070,7 @@ impl Sequence {
 
         // While a window refill is outstanding, tasks beyond the window wait for it, so
         // free credit is only checked once the refills have arrived.
-        let refilling = self.system().dispatcher.refills_outstanding();
+        let refilling = refilled_during_reads || self.system().dispatcher.refills_outstanding();
         for (index, subscriber) in self.subscribers.iter().enumerate() {
             if subscriber.closed || refilling {
                 continue;
