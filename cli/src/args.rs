@@ -426,6 +426,12 @@ pub enum ScheduleCommand {
         /// Name of the recurring schedule.
         name: String,
     },
+    /// Cancel a one-shot schedule, such as a task enqueued with --in or --at, before it
+    /// fires.
+    Cancel {
+        /// Id of the one-shot schedule, as `enqueue --in` or `--at` printed it.
+        id: String,
+    },
     /// Delete a recurring schedule. Tasks it released stay in the broker.
     Delete {
         /// Name of the recurring schedule.

@@ -83,13 +83,19 @@ async fn connect_with(
 }
 
 /// Joins an error and its sources with `: `, because a transport error's own message,
-/// `transport error`, hides the cause.
+/// `transport error`, hides the cause. A source whose message repeats the previous one,
+/// as nested connector errors do, is left out.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
+    let mut previous = text.clone();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let message = cause.to_string();
+        if message != previous {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        previous = message;
         source = cause.source();
     }
     text

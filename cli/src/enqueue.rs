@@ -256,9 +256,15 @@ async fn enqueue_file(
         }
         write_stdout(&text);
         // The summary goes to stderr so that stdout holds only task ids.
+        let tasks = if enqueued == 1 { "task" } else { "tasks" };
+        let matches = if duplicates == 1 {
+            "duplicate of an earlier task"
+        } else {
+            "duplicates of earlier tasks"
+        };
         eprintln!(
-            "{enqueued} tasks enqueued, {duplicates} duplicates of earlier tasks (matched by \
-             idempotency key), from {name}"
+            "{enqueued} {tasks} enqueued, {duplicates} {matches} (matched by idempotency key), \
+             from {name}"
         );
     }
     Ok(())

@@ -205,7 +205,7 @@ fn hint(service: Service, code: tonic::Code) -> String {
         Code::InvalidArgument => "fix the value that the message names and retry".to_owned(),
         Code::NotFound => match service {
             Service::Broker => "check the id; tasks are deleted after their queue's retention period".to_owned(),
-            Service::Scheduler => "check the name or id; `docket schedule list` lists every schedule".to_owned(),
+            Service::Scheduler => "check the name or id: `docket schedule list` lists every schedule; pause, resume and delete take the name of a recurring schedule, and `schedule cancel` the id of a one-shot one".to_owned(),
         },
         Code::AlreadyExists => {
             "choose another name, or delete the existing schedule with `docket schedule delete NAME`"

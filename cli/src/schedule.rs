@@ -1,9 +1,9 @@
 //! `docket schedule` subcommands, which call the scheduler.
 
 use docket::proto::{
-    CreateScheduleRequest, CronRule, DeleteScheduleRequest, GetScheduleRequest, IntervalRule,
-    ListSchedulesRequest, MissedRunPolicy, PauseScheduleRequest, Recurrence, ResumeScheduleRequest,
-    Schedule, recurrence,
+    CancelScheduleRequest, CreateScheduleRequest, CronRule, DeleteScheduleRequest,
+    GetScheduleRequest, IntervalRule, ListSchedulesRequest, MissedRunPolicy, PauseScheduleRequest,
+    Recurrence, ResumeScheduleRequest, Schedule, recurrence,
 };
 use serde_json::{Map, Value, json};
 
@@ -117,6 +117,22 @@ pub async fn run(context: &Context, command: ScheduleCommand) -> Result<(), CliE
                 .into_inner()
                 .schedule
                 .ok_or_else(|| missing("ResumeSchedule"))?;
+            print(
+                context.json,
+                &schedule_json(&schedule),
+                &schedule_text(&schedule),
+            );
+        }
+        ScheduleCommand::Cancel { id } => {
+            let schedule = scheduler
+                .cancel_schedule(CancelScheduleRequest {
+                    schedule_id: id.clone(),
+                })
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .schedule
+                .ok_or_else(|| missing("CancelSchedule"))?;
             print(
                 context.json,
                 &schedule_json(&schedule),

@@ -210,6 +210,59 @@ async fn enqueue_in_releases_task_later() -> Result<()> {
 }
 
 #[tokio::test]
+async fn schedule_cancel_withdraws_delayed_task() -> Result<()> {
+    let setup = SchedulerSetup::start(&[]).await?;
+    let broker_url = setup.broker.endpoint();
+    let scheduler_url = setup.scheduler.endpoint();
+
+    let scheduled = docket_json(&[
+        "--broker",
+        &broker_url,
+        "--scheduler",
+        &scheduler_url,
+        "enqueue",
+        "reminders",
+        "remind",
+        "--in",
+        "1h",
+    ])
+    .await?;
+    let schedule_id = text_at(&scheduled, "/schedule_id")?.to_owned();
+
+    let cancelled = docket_json(&[
+        "--scheduler",
+        &scheduler_url,
+        "schedule",
+        "cancel",
+        &schedule_id,
+    ])
+    .await?;
+    assert_eq!(text_at(&cancelled, "/id")?, schedule_id);
+    assert_eq!(text_at(&cancelled, "/state")?, "CANCELLED");
+
+    // A second cancel finds nothing left to cancel, and an unknown id is not found.
+    let again = docket(&[
+        "--scheduler",
+        &scheduler_url,
+        "schedule",
+        "cancel",
+        &schedule_id,
+    ])
+    .await?;
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    let unknown = docket(&[
+        "--scheduler",
+        &scheduler_url,
+        "schedule",
+        "cancel",
+        "0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b",
+    ])
+    .await?;
+    assert_eq!(unknown.status.code(), Some(4), "{unknown:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn queue_commands_change_the_queue() -> Result<()> {
     let dir = temp_dir();
     let broker = BrokerProcess::start(dir.path(), &[]).await?;

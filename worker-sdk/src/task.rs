@@ -31,7 +31,7 @@ pub struct Task {
 
 impl Task {
     /// Creates a task of `kind` for `queue` with an empty payload, no headers, priority
-    /// 0 and the broker's default maximum attempts.
+    /// 0, and the maximum attempts and retry policy of its queue.
     pub fn new(queue: impl Into<String>, kind: impl Into<String>) -> Self {
         Task {
             inner: NewTask {
@@ -67,8 +67,8 @@ impl Task {
         self
     }
 
-    /// Sets the maximum number of attempts, including the first. 0 takes the broker's
-    /// default.
+    /// Sets the maximum number of attempts, including the first, at most 100. 0 takes the
+    /// queue's setting, 5 unless the queue or the broker sets another.
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
         self.inner.max_attempts = max_attempts;
         self

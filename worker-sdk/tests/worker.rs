@@ -1045,8 +1045,12 @@ async fn routing_and_weight_config_is_validated() {
     let heavy_weight = Worker::builder(client.clone())
         .queue_weighted("jobs", 101)
         .build(handle);
-    let largest_weight = Worker::builder(client)
+    let largest_weight = Worker::builder(client.clone())
         .queue_weighted("jobs", 100)
+        .build(handle);
+    let short_lease = Worker::builder(client)
+        .queue("jobs")
+        .lease_duration(Duration::from_millis(500))
         .build(handle);
 
     assert!(config_error(no_handler).contains("no handler is set"));
@@ -1054,6 +1058,7 @@ async fn routing_and_weight_config_is_validated() {
     assert!(config_error(zero_weight).contains("weight 0 of queue \"jobs\""));
     assert!(config_error(heavy_weight).contains("weight 101 of queue \"jobs\""));
     assert!(largest_weight.is_ok());
+    assert!(config_error(short_lease).contains("below the minimum of 1s"));
 }
 
 #[tokio::test]

@@ -428,7 +428,9 @@ pub(crate) fn cancel(
     if is_final(record.state()) {
         return Ok(Err(BrokerError::TaskFinal {
             task_id,
-            state: wire_state(record.state()).as_str_name(),
+            state: wire_state(record.state())
+                .as_str_name()
+                .trim_start_matches("TASK_STATE_"),
         }));
     }
 

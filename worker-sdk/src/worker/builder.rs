@@ -28,6 +28,9 @@ const DEFAULT_SETTLE_MAX_BATCH: usize = 64;
 /// Default time a partial batch of acks or nacks waits for more items.
 const DEFAULT_SETTLE_FLUSH_INTERVAL: Duration = Duration::from_millis(1);
 
+/// Shortest lease the broker grants.
+const MIN_LEASE_DURATION: Duration = Duration::from_secs(1);
+
 /// Largest queue weight the broker accepts.
 const MAX_QUEUE_WEIGHT: u32 = 100;
 
@@ -171,7 +174,8 @@ impl WorkerBuilder {
         self
     }
 
-    /// Sets the lease length of each delivery. Unset takes the broker's default (30 s).
+    /// Sets the lease length of each delivery, from 1 s to the broker's maximum (1 hour by
+    /// default). Unset takes the lease setting of each task's queue, 30 s by default.
     ///
     /// While a handler runs, the worker extends the lease by this length each time half
     /// of the time left has passed, so a handler may run longer than one lease. A lease
@@ -221,7 +225,7 @@ impl WorkerBuilder {
     ///
     /// Returns [`Error::InvalidConfig`] if no queue is set, if a queue weight is outside
     /// 1..=100, if two handlers are set for one kind, if the concurrency or
-    /// `max_in_flight` is 0 or too large, if the lease duration is out of range, if the
+    /// `max_in_flight` is 0 or too large, if the lease duration is below 1 s, if the
     /// initial reconnect delay is 0 or above the maximum, or if the settle batch size is
     /// outside 1..=1000.
     pub fn build<F, Fut>(mut self, handler: F) -> Result<Worker, Error>
@@ -291,12 +295,18 @@ impl WorkerBuilder {
             None => u32::try_from(self.concurrency).unwrap_or(u32::MAX),
         };
 
-        if let Some(duration) = self.lease_duration
-            && let Err(error) = prost_types::Duration::try_from(duration)
-        {
-            return Err(Error::InvalidConfig(format!(
-                "lease duration {duration:?}: {error}"
-            )));
+        if let Some(duration) = self.lease_duration {
+            if duration < MIN_LEASE_DURATION {
+                return Err(Error::InvalidConfig(format!(
+                    "lease duration {duration:?} is below the minimum of {MIN_LEASE_DURATION:?}"
+                )));
+            }
+            // The broker rejects a lease over its maximum when the worker subscribes.
+            if let Err(error) = prost_types::Duration::try_from(duration) {
+                return Err(Error::InvalidConfig(format!(
+                    "lease duration {duration:?}: {error}"
+                )));
+            }
         }
 
         if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
