@@ -434,6 +434,13 @@ struct Campaign {
 /// Enqueues one task per recipient in batches.
 async fn produce(client: &Client, cli: &Cli) -> anyhow::Result<Campaign> {
     let recipients = read_recipients(&cli.customers, &cli.country)?;
+    if recipients.is_empty() {
+        tracing::warn!(
+            country = %cli.country,
+            customers = %cli.customers.display(),
+            "no opted-in customer of this country; nothing to send (check --country)"
+        );
+    }
     let started = Instant::now();
     let baseline = queue_stats(client, &cli.queue).await?;
 

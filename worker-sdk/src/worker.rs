@@ -359,9 +359,9 @@ impl Worker {
             return;
         }
         info!(
-            running = tasks.len(),
+            tasks = tasks.len(),
             grace_ms = self.shutdown_grace.as_millis(),
-            "shutting down; waiting for running handlers"
+            "shutting down; waiting for running handlers and returned deliveries"
         );
 
         let mut grace = pin!(tokio::time::sleep(self.shutdown_grace));
