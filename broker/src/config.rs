@@ -112,9 +112,18 @@ pub struct Config {
     #[arg(long, env = "DOCKET_MAX_COMMIT_BATCH", default_value_t = 1024)]
     pub max_commit_batch: usize,
 
+    /// Address and port to serve Prometheus metrics on, at `GET /metrics`. Unset turns the
+    /// metrics server off. Port 0 picks a free port, which the broker logs.
+    #[arg(long, env = "DOCKET_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Time that shutdown waits for pending commits before it gives up.
     #[arg(long, env = "DOCKET_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// TLS and bearer-token settings.
+    #[command(flatten)]
+    pub security: crate::tls::SecurityArgs,
 
     /// Test hook: store recovery waits while this file exists, so that a test can observe
     /// the broker before its store is ready.

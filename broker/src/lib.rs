@@ -5,17 +5,20 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
 pub mod health;
+pub mod metrics;
 pub mod process;
 pub mod retry;
 pub mod settings;
 pub mod store;
 pub mod task;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -26,7 +29,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -72,6 +74,10 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+
+    /// A TLS or token file is invalid.
+    #[error(transparent)]
+    Security(#[from] tls::SecurityError),
 }
 
 /// Runs a broker with `config` until `shutdown` is cancelled.
@@ -87,6 +93,7 @@ pub enum ServeError {
 /// Fails if the address cannot be bound, the store cannot be opened or recovered, or the
 /// server fails.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let server_builder = tls::server_builder(&config.security.files())?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -97,6 +104,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         addr: config.listen,
         source,
     })?;
+    let metrics_listener =
+        metrics::bind(config.metrics_listen)
+            .await
+            .map_err(|err| ServeError::Bind {
+                addr: err.addr,
+                source: err.source,
+            })?;
 
     let (health, health_service) = health::health_service(HEALTH_SERVICE_NAME);
     let (reflection, reflection_alpha) = process::reflection_services(HEALTH_SERVICE_NAME);
@@ -106,7 +120,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     // incoming stream sets it. Without it, Nagle's algorithm delays small responses.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tokio::spawn(
-        Server::builder()
+        server_builder
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .add_service(health_service)
@@ -188,6 +202,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         config.purge_interval,
         shutdown.clone(),
     ));
+    if let Some(listener) = metrics_listener {
+        tasks.spawn(metrics::serve(
+            listener,
+            Arc::clone(&broker),
+            shutdown.clone(),
+        ));
+    }
     let service = BrokerServer::new(grpc::BrokerService::new(Arc::clone(&broker)))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);

@@ -17,6 +17,8 @@ Exit codes:
   3  cannot connect to the broker or the scheduler
   4  not found: no task or schedule with that id or name
   5  `task watch` only: the task ended DEAD or CANCELLED
+  6  the broker or the scheduler rejected the credentials: UNAUTHENTICATED (missing or
+     invalid token) or PERMISSION_DENIED (the token's role may not call the method)
 
 With --json, results go to stdout as one JSON document (`task watch --json` prints one
 JSON object per line instead), and errors go to stderr as one JSON object
@@ -49,6 +51,10 @@ pub struct Cli {
     /// Print one JSON document on stdout instead of text, and errors as JSON on stderr.
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// TLS and bearer-token settings for the broker and the scheduler.
+    #[command(flatten)]
+    pub connection: crate::connect::ConnectionArgs,
 
     #[command(subcommand)]
     pub command: Command,

@@ -2,13 +2,13 @@
 
 use std::collections::BTreeMap;
 
+use docket::GrpcChannel as Channel;
 use docket::proto::broker_client::BrokerClient;
 use docket::proto::{
     DeleteDeadTasksRequest, GetQueueStatsRequest, GetTaskRequest, ListDeadTasksRequest,
     ListQueuesRequest, RequeueDeadTasksRequest, TaskState, TaskStatus,
 };
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 use crate::args::{DeadCommand, DeadListArgs, DeadSelectArgs};
 use crate::connect::Context;

@@ -57,6 +57,8 @@ const EXIT_CONNECT: u8 = 3;
 const EXIT_NOT_FOUND: u8 = 4;
 /// Exit code of `task watch` when the task ended DEAD or CANCELLED.
 const EXIT_TASK_FAILED: u8 = 5;
+/// Exit code of UNAUTHENTICATED and PERMISSION_DENIED: the credentials were rejected.
+const EXIT_AUTH: u8 = 6;
 
 impl CliError {
     /// Wraps a status that `service` returned.
@@ -84,6 +86,14 @@ impl CliError {
             CliError::Connect { .. } => EXIT_CONNECT,
             CliError::Status { status, .. } if status.code() == tonic::Code::NotFound => {
                 EXIT_NOT_FOUND
+            }
+            CliError::Status { status, .. }
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                EXIT_AUTH
             }
             CliError::Status { .. } | CliError::InvalidResponse { .. } => EXIT_SERVER_ERROR,
             CliError::Usage(_) | CliError::Input { .. } => EXIT_USAGE,
@@ -226,6 +236,14 @@ fn hint(service: Service, code: tonic::Code) -> String {
         }
         Code::Unimplemented => {
             format!("the {service} does not support this call; check that it is up to date")
+        }
+        Code::Unauthenticated => format!(
+            "the {service} requires a valid bearer token: pass it with --token or --token-file \
+             (or DOCKET_TOKEN / DOCKET_TOKEN_FILE)"
+        ),
+        Code::PermissionDenied => {
+            "use a token whose role may call this method; the message lists those roles"
+                .to_owned()
         }
         _ => format!("check the {service}'s log"),
     }

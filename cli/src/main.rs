@@ -132,6 +132,7 @@ fn resolve(cli: Cli) -> Result<(Context, Command), CliError> {
             .clone()
             .unwrap_or_else(|| scheduler.to_owned()),
         json: cli.json,
+        connection: cli.connection.clone(),
     };
     Ok((context, cli.command))
 }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use docket::GrpcChannel as Channel;
 use docket::proto::broker_client::BrokerClient;
 use docket::proto::{
     GetQueueSettingsRequest, GetQueueStatsRequest, ListQueuesRequest, PauseQueueRequest,
@@ -9,7 +10,6 @@ use docket::proto::{
     UpdateQueueSettingsRequest,
 };
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 use crate::args::{QueueCommand, QueueConfigureArgs};
 use crate::connect::Context;

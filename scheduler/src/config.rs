@@ -73,9 +73,19 @@ pub struct Config {
     #[arg(long, env = "DOCKET_SCHEDULER_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Address and port to serve Prometheus metrics on, at `GET /metrics`. Unset turns the
+    /// metrics server off. Port 0 picks a free port, which the scheduler logs.
+    #[arg(long, env = "DOCKET_SCHEDULER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Time that shutdown waits for a release in progress and pending commits.
     #[arg(long, env = "DOCKET_SCHEDULER_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// TLS and bearer-token settings of the scheduler's server and of its connection to
+    /// the broker.
+    #[command(flatten)]
+    pub security: crate::security::SecurityArgs,
 
     /// Test hook: wait this long between a firing's enqueue and its record, so that a
     /// test can kill the process in between.

@@ -18,10 +18,12 @@
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod monitor;
 pub mod release;
 pub mod rule;
 pub mod schedules;
+pub mod security;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -35,8 +37,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::Endpoint;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Endpoint, Server};
 
 pub use crate::config::Config;
 use crate::release::ReleaseConfig;
@@ -91,6 +93,10 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+
+    /// A TLS or token file is invalid.
+    #[error(transparent)]
+    Security(#[from] docket_broker::tls::SecurityError),
 }
 
 /// Runs a scheduler with `config` until `shutdown` is cancelled.
@@ -115,7 +121,11 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
+    let (broker_endpoint, broker_credentials) = config
+        .security
+        .broker_endpoint(&config.broker, broker_endpoint)?;
     let broker_channel = broker_endpoint.connect_lazy();
+    let server_builder = docket_broker::tls::server_builder(&config.security.server_files())?;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -127,6 +137,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         addr: config.listen,
         source,
     })?;
+    let metrics_listener = docket_broker::metrics::bind(config.metrics_listen)
+        .await
+        .map_err(|err| ServeError::Bind {
+            addr: err.addr,
+            source: err.source,
+        })?;
+    let metrics = Arc::new(metrics::SchedulerMetrics::new());
 
     let (health, health_service) = docket_broker::health::health_service(HEALTH_SERVICE_NAME);
     let (reflection, reflection_alpha) =
@@ -139,7 +156,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     tracing::info!(addr = %local_addr, broker = %config.broker, "scheduler listening");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tokio::spawn(
-        Server::builder()
+        server_builder
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .add_service(health_service)
@@ -197,7 +214,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     ));
     let release = tokio::spawn(release::run(
         Arc::clone(&schedules),
-        BrokerClient::new(broker_channel)
+        BrokerClient::with_interceptor(broker_channel, broker_credentials)
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes),
         ReleaseConfig {
@@ -207,9 +224,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
             max_retry_delay: config.max_retry_delay,
             enqueue_timeout: config.enqueue_timeout,
             pause_after_enqueue: config.pause_after_enqueue,
+            metrics: Arc::clone(&metrics),
         },
         shutdown.clone(),
     ));
+    if let Some(listener) = metrics_listener {
+        tasks.spawn(metrics::serve(listener, metrics, shutdown.clone()));
+    }
 
     let served =
         docket_broker::process::drain_server(server, &shutdown, config.shutdown_grace).await;

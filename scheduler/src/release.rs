@@ -16,12 +16,13 @@ use docket_proto::v1::{EnqueueRequest, NewTask};
 use prost::Message;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
+use crate::metrics::SchedulerMetrics;
 use crate::rule::{now_nanos, rfc3339};
 use crate::schedules::{self, Claimed, Schedules};
+use crate::security::BrokerChannel;
 use crate::store::Id;
 
 /// Maximum sleep of the release loop. It wakes at least this often even when nothing is
@@ -60,6 +61,8 @@ pub struct ReleaseConfig {
     pub enqueue_timeout: Duration,
     /// Test hook: time to wait between a successful enqueue and its record.
     pub pause_after_enqueue: Option<Duration>,
+    /// Counters and histograms of the releases.
+    pub metrics: Arc<SchedulerMetrics>,
 }
 
 /// Runs the release loop until `shutdown` is cancelled. A release in progress finishes
@@ -67,7 +70,7 @@ pub struct ReleaseConfig {
 /// run releases it.
 pub async fn run(
     schedules: Arc<Schedules>,
-    broker: BrokerClient<Channel>,
+    broker: BrokerClient<BrokerChannel>,
     config: ReleaseConfig,
     shutdown: CancellationToken,
 ) {
@@ -83,7 +86,7 @@ pub async fn run(
 
 struct Releaser {
     schedules: Arc<Schedules>,
-    broker: BrokerClient<Channel>,
+    broker: BrokerClient<BrokerChannel>,
     config: ReleaseConfig,
     shutdown: CancellationToken,
     /// Firings logged as waiting for the broker during the current outage.
@@ -332,6 +335,14 @@ impl Releaser {
                         (String::new(), error)
                     }
                 };
+                let kind = self.config.metrics.kind(!schedule.name.is_empty());
+                if error.is_empty() {
+                    kind.released.inc();
+                    let lag_nanos = release_nanos.saturating_sub(fire).max(0);
+                    kind.release_lag.observe(lag_nanos as f64 / 1e9);
+                } else {
+                    kind.failed.inc();
+                }
                 outcomes[index].push(FireOutcomeRecord {
                     fire_nanos: fire,
                     release_nanos,
@@ -412,6 +423,7 @@ impl Releaser {
                 return Some(Err(status));
             }
             failures += 1;
+            self.config.metrics.enqueue_retries.inc();
             if failures == 1 {
                 for task in tasks {
                     tracing::warn!(
@@ -511,7 +523,8 @@ fn released_task(schedule: &Claimed, fire: i64) -> NewTask {
 
 /// Returns whether a failed Enqueue may succeed if it is repeated unchanged, because the
 /// broker was unreachable, starting, stopping or overloaded rather than rejecting the
-/// tasks.
+/// tasks. A rejected token is transient too: it is the scheduler's configuration, not the
+/// tasks, that is wrong, and a restart with the right token releases them.
 fn is_transient(status: &Status) -> bool {
     matches!(
         status.code(),
@@ -522,6 +535,7 @@ fn is_transient(status: &Status) -> bool {
             | Code::Aborted
             | Code::Cancelled
             | Code::Unauthenticated
+            | Code::PermissionDenied
     )
 }
 

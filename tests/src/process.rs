@@ -264,6 +264,18 @@ impl ServiceProcess {
         }
     }
 
+    /// Waits up to [`WAIT`] for the `metrics listening` line of a service started with
+    /// `--metrics-listen` and returns the address it logged.
+    async fn metrics_addr(&self) -> Result<SocketAddr> {
+        let line = self.wait_for_log("metrics listening").await?;
+        metrics_listening_addr(&line).with_context(|| {
+            format!(
+                "the {} metrics listening line has no valid addr=: {line}",
+                self.service
+            )
+        })
+    }
+
     fn kill9(&mut self) -> Result<ExitStatus> {
         if let Some(status) = self.exited {
             return Ok(status);
@@ -414,6 +426,12 @@ impl BrokerProcess {
     /// Returns the broker's URL, `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         self.process.endpoint()
+    }
+
+    /// Returns the address of the broker's metrics server, from the `metrics listening`
+    /// line that a broker started with `--metrics-listen` logs. Waits up to [`WAIT`].
+    pub async fn metrics_addr(&self) -> Result<SocketAddr> {
+        self.process.metrics_addr().await
     }
 
     /// Returns the data directory the broker was started with.
@@ -581,6 +599,12 @@ impl SchedulerProcess {
         self.process.endpoint()
     }
 
+    /// Returns the address of the scheduler's metrics server, from the `metrics listening`
+    /// line that a scheduler started with `--metrics-listen` logs. Waits up to [`WAIT`].
+    pub async fn metrics_addr(&self) -> Result<SocketAddr> {
+        self.process.metrics_addr().await
+    }
+
     /// Returns the data directory the scheduler was started with.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
@@ -676,6 +700,17 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
     value.trim_matches('"').parse().ok()
 }
 
+/// Extracts the address from a `metrics listening addr=...` log line.
+fn metrics_listening_addr(line: &str) -> Option<SocketAddr> {
+    let line = strip_ansi(line);
+    if !line.contains("metrics listening") {
+        return None;
+    }
+    let value = line.split("addr=").nth(1)?;
+    let value = value.split_whitespace().next()?;
+    value.trim_matches('"').parse().ok()
+}
+
 /// Removes ANSI escape sequences of the form `ESC [ ... letter`.
 fn strip_ansi(text: &str) -> String {
     let mut output = String::with_capacity(text.len());
@@ -723,6 +758,17 @@ mod tests {
         let line = "\u{1b}[32m INFO\u{1b}[0m broker listening \u{1b}[3maddr\u{1b}[0m\
                     \u{1b}[2m=\u{1b}[0m\"[::1]:7070\"";
         assert_eq!(listening_addr(line), Some("[::1]:7070".parse().unwrap()));
+    }
+
+    #[test]
+    fn metrics_listening_addr_parses_tracing_line() {
+        let line = "2025-01-01T00:00:00.000000Z  INFO docket_broker::metrics: metrics listening \
+                    addr=127.0.0.1:40002";
+        assert_eq!(
+            metrics_listening_addr(line),
+            Some(SocketAddr::from(([127, 0, 0, 1], 40002)))
+        );
+        assert_eq!(listening_addr(line), None);
     }
 
     #[test]

@@ -1,7 +1,5 @@
 //! The client of the broker and the scheduler, for producers and workers.
 
-use std::time::Duration;
-
 use docket_proto::v1::broker_client::BrokerClient;
 use docket_proto::v1::scheduler_client::SchedulerClient;
 use docket_proto::v1::{
@@ -12,11 +10,9 @@ use docket_proto::v1::{
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::connection::{CallCredentials, ClientBuilder, ConnectOptions, GrpcChannel};
 use crate::trace::fill_traceparent;
 use crate::{Error, TaskWatch};
-
-/// Time allowed to establish a TCP connection to the broker or the scheduler.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A client of the Docket broker and, optionally, of the scheduler.
 ///
@@ -26,10 +22,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// Cloning is cheap: clones share one HTTP/2 connection per service, which is
 /// re-established on the next call if it drops.
+///
+/// [`Client::builder`] adds TLS, a client certificate or a bearer token.
 #[derive(Debug, Clone)]
 pub struct Client {
-    inner: BrokerClient<Channel>,
-    scheduler: Option<SchedulerClient<Channel>>,
+    inner: BrokerClient<GrpcChannel>,
+    scheduler: Option<SchedulerClient<GrpcChannel>>,
+    /// The settings that [`Client::with_scheduler`] connects with.
+    options: ConnectOptions,
 }
 
 impl Client {
@@ -66,9 +66,44 @@ impl Client {
     /// Creates a client over a channel configured by the caller, for example with TLS or
     /// custom timeouts.
     pub fn from_channel(channel: Channel) -> Self {
+        Self::from_channel_with_credentials(channel, CallCredentials::default())
+    }
+
+    /// Creates a client over a channel configured by the caller that sends `credentials`
+    /// on every call, including those of [`Client::with_scheduler_channel`].
+    pub fn from_channel_with_credentials(channel: Channel, credentials: CallCredentials) -> Self {
+        let options = ConnectOptions {
+            credentials,
+            ..ConnectOptions::default()
+        };
         Client {
-            inner: BrokerClient::new(channel),
+            inner: BrokerClient::new(options.credentials.wrap(channel)),
             scheduler: None,
+            options,
+        }
+    }
+
+    /// Returns a builder for a client of the broker at `endpoint` with TLS settings, a
+    /// client certificate, a bearer token or timeouts. An `https://` endpoint uses TLS.
+    pub fn builder(endpoint: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(endpoint.into())
+    }
+
+    /// Creates a client over `channel` with `options`, and sets the scheduler's address
+    /// if one is given.
+    pub(crate) fn from_parts(
+        channel: Channel,
+        options: ConnectOptions,
+        scheduler: Option<String>,
+    ) -> Result<Self, Error> {
+        let client = Client {
+            inner: BrokerClient::new(options.credentials.wrap(channel)),
+            scheduler: None,
+            options,
+        };
+        match scheduler {
+            Some(endpoint) => client.with_scheduler(endpoint),
+            None => Ok(client),
         }
     }
 
@@ -91,19 +126,20 @@ impl Client {
     /// Returns [`Error::InvalidEndpoint`] if `endpoint` is not a valid URI.
     pub fn with_scheduler(self, endpoint: impl Into<String>) -> Result<Self, Error> {
         let endpoint = endpoint.into();
-        let channel = parse_endpoint(&endpoint)?.connect_lazy();
+        let channel = self.options.endpoint(&endpoint)?.connect_lazy();
         Ok(self.with_scheduler_channel(channel))
     }
 
     /// Sets the scheduler connection to a channel configured by the caller, for example
-    /// with TLS or custom timeouts.
+    /// with TLS or custom timeouts. The client's bearer token, if any, is sent on it too.
     pub fn with_scheduler_channel(mut self, channel: Channel) -> Self {
-        self.scheduler = Some(SchedulerClient::new(channel));
+        self.scheduler = Some(SchedulerClient::new(self.options.credentials.wrap(channel)));
         self
     }
 
-    /// Returns the generated gRPC client, for calls that this type does not wrap.
-    pub fn grpc(&self) -> BrokerClient<Channel> {
+    /// Returns the generated gRPC client, for calls that this type does not wrap. Its
+    /// calls carry the client's bearer token.
+    pub fn grpc(&self) -> BrokerClient<GrpcChannel> {
         self.inner.clone()
     }
 
@@ -158,7 +194,7 @@ impl Client {
     /// # Errors
     ///
     /// Returns [`Error::SchedulerNotConfigured`] if the client has no scheduler address.
-    pub fn scheduler_grpc(&self) -> Result<SchedulerClient<Channel>, Error> {
+    pub fn scheduler_grpc(&self) -> Result<SchedulerClient<GrpcChannel>, Error> {
         self.scheduler.clone().ok_or(Error::SchedulerNotConfigured)
     }
 
@@ -442,18 +478,10 @@ fn item_result(result: SettleResult) -> Result<TaskState, Error> {
 }
 
 /// Parses the endpoint of the broker or the scheduler. A bare `host:port`, the form the
-/// broker's `--listen` takes, means plain-text HTTP/2 at that address.
+/// broker's `--listen` takes, means plain-text HTTP/2 at that address. An `https://`
+/// endpoint gets TLS with the system's root certificates.
 fn parse_endpoint(endpoint: &str) -> Result<Endpoint, Error> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
-    };
-    let parsed = Endpoint::from_shared(url).map_err(|source| Error::InvalidEndpoint {
-        endpoint: endpoint.to_owned(),
-        source,
-    })?;
-    Ok(parsed.connect_timeout(CONNECT_TIMEOUT))
+    ConnectOptions::default().endpoint(endpoint)
 }
 
 #[cfg(test)]

@@ -18,6 +18,12 @@ pub enum Error {
         source: tonic::transport::Error,
     },
 
+    /// A client setting is invalid, such as an empty bearer token, unreadable TLS
+    /// certificates, or TLS settings for an `http://` endpoint. The message never
+    /// contains the token.
+    #[error("invalid client configuration: {0}")]
+    InvalidClientConfig(String),
+
     /// The connection to the broker could not be established.
     #[error("failed to connect to the broker at {endpoint}")]
     Connect {

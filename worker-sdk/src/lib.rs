@@ -109,6 +109,7 @@
 
 mod backoff;
 mod client;
+mod connection;
 mod context;
 mod error;
 mod handler;
@@ -123,6 +124,7 @@ mod watch;
 mod worker;
 
 pub use crate::client::Client;
+pub use crate::connection::{CallCredentials, ClientBuilder, GrpcChannel};
 pub use crate::context::TaskContext;
 pub use crate::error::Error;
 pub use crate::handler::{HandlerError, HandlerResult};

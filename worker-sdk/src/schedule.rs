@@ -8,8 +8,6 @@ use docket_proto::v1::{
     CancelScheduleRequest, NewTask, Schedule, ScheduleTaskRequest, ScheduleTaskResponse,
 };
 
-use tonic::transport::Channel;
-
 use crate::trace::fill_traceparent;
 use crate::{Client, Error};
 
@@ -140,7 +138,7 @@ impl Client {
 /// Calls ScheduleTask and checks that the response carries the schedule's id and due
 /// time.
 async fn schedule_task(
-    mut scheduler: SchedulerClient<Channel>,
+    mut scheduler: SchedulerClient<crate::GrpcChannel>,
     mut task: NewTask,
     due: Due,
 ) -> Result<ScheduledTask, Error> {

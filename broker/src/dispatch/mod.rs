@@ -17,6 +17,7 @@ use docket_proto::v1::{self, SubscribeResponse};
 use tokio::sync::{Notify, mpsc};
 
 use crate::error::BrokerError;
+use crate::metrics::BrokerMetrics;
 use crate::store::writer::{WriteOp, WriterHandle};
 use crate::task::{LeaseId, QueueName, TaskId};
 use state::State;
@@ -171,6 +172,8 @@ pub struct Dispatcher {
     /// Requests window refills from the storage writer. Weak, so that it does not keep the
     /// writer running at shutdown.
     refills: Mutex<Option<mpsc::WeakSender<WriteOp>>>,
+    /// Counters and histograms that the dispatcher and the storage writer update.
+    metrics: Arc<BrokerMetrics>,
 }
 
 impl Dispatcher {
@@ -181,13 +184,20 @@ impl Dispatcher {
         window: usize,
         lease_duration_of: impl Fn(&QueueName) -> Duration + Send + Sync + 'static,
     ) -> Self {
+        let metrics = Arc::new(BrokerMetrics::new());
         Dispatcher {
-            state: Mutex::new(State::new(window.max(2))),
+            state: Mutex::new(State::new(window.max(2), Arc::clone(&metrics))),
             timers_changed: Notify::new(),
             watchers: Arc::new(WatchRegistry::default()),
             lease_duration_of: Box::new(lease_duration_of),
             refills: Mutex::new(None),
+            metrics,
         }
+    }
+
+    /// Returns the broker's counters and histograms.
+    pub fn metrics(&self) -> &Arc<BrokerMetrics> {
+        &self.metrics
     }
 
     /// Connects the storage writer, which reads the next tasks of a queue whose window

@@ -19,6 +19,7 @@ use super::{
     Claim, Effect, LeaseView, QueueCounts, ReadyKey, ReadyTask, SettledLease, SubscriberId,
     Subscription,
 };
+use crate::metrics::{BrokerMetrics, QueueMetricsCache};
 use crate::store::now_micros;
 use crate::task::{LeaseId, QueueName, TaskId};
 
@@ -47,6 +48,8 @@ pub(super) struct State {
     /// Live leases by deadline; the serial breaks ties.
     deadlines: BTreeMap<(Instant, u64), LeaseId>,
     next_lease_serial: u64,
+    /// Per-queue handles of the delivery metrics.
+    metrics: QueueMetricsCache,
 }
 
 struct QueueState {
@@ -127,7 +130,7 @@ fn key_of(task: &ReadyTask) -> ReadyKey {
 }
 
 impl State {
-    pub fn new(window: usize) -> Self {
+    pub fn new(window: usize, metrics: Arc<BrokerMetrics>) -> Self {
         State {
             window,
             queues: HashMap::new(),
@@ -142,6 +145,7 @@ impl State {
             settling: HashSet::new(),
             deadlines: BTreeMap::new(),
             next_lease_serial: 0,
+            metrics: QueueMetricsCache::new(metrics),
         }
     }
 
@@ -650,6 +654,10 @@ impl State {
         self.deadlines.insert((deadline, serial), lease_id.clone());
         self.lease_by_task.insert(task.id, lease_id.clone());
         self.queues.entry(task.queue.clone()).or_default().leased += 1;
+        let started_at_us = now_micros();
+        self.metrics
+            .get(&task.queue)
+            .record_delivery(&task, started_at_us);
         if watchers.is_watched(task.id) {
             watchers.publish_state(task.id, TaskState::Leased, Some(deadline_wall));
         }
@@ -662,7 +670,7 @@ impl State {
                 deadline,
                 deadline_wall,
                 serial,
-                started_at_us: now_micros(),
+                started_at_us,
                 cancel_requested: false,
             },
         );

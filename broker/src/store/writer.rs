@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use docket_proto::storage::{QueueSettingsRecord, TaskRecordState};
 use docket_proto::v1::TaskState;
@@ -19,8 +19,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::apply::{self, Context, Tables};
 use super::{Store, status_of};
+use crate::dispatch::timers::LEASE_EXPIRED;
 use crate::dispatch::{Dispatcher, Effect, ReadyKey, SettledLease};
 use crate::error::{BrokerError, StoreError};
+use crate::metrics::{QueueMetricsCache, micros_to_seconds};
 use crate::settings::SettingsCache;
 use crate::task::{NewTask, QueueName, TaskId, TaskIdGenerator};
 
@@ -254,6 +256,7 @@ pub fn spawn(
     let (committing, committing_receiver) = watch::channel(true);
     let writer = Writer {
         committing,
+        metrics: QueueMetricsCache::new(Arc::clone(dispatcher.metrics())),
         store,
         dispatcher,
         settings,
@@ -278,6 +281,8 @@ pub fn spawn(
 struct Writer {
     /// Whether the last commit succeeded.
     committing: watch::Sender<bool>,
+    /// Per-queue handles of the counters that committed changes update.
+    metrics: QueueMetricsCache,
     store: Arc<Store>,
     dispatcher: Arc<Dispatcher>,
     settings: SettingsCache,
@@ -357,9 +362,11 @@ impl Writer {
             changed: std::mem::take(&mut self.buffers.changed),
         };
 
+        let started = Instant::now();
         let outcomes = match apply_batch(&store, &mut cx, batch) {
             Ok(outcomes) => outcomes,
             Err(err) => {
+                self.metrics.metrics().record_commit_failure();
                 tracing::error!(error = %err, requests = batch.len(), "commit failed; the batch is rolled back");
                 self.committing.send_replace(false);
                 let mut buffers = Buffers::take_from(cx);
@@ -373,11 +380,15 @@ impl Writer {
             }
         };
 
+        self.metrics
+            .metrics()
+            .record_commit(batch.len(), started.elapsed());
         if !*self.committing.borrow() {
             tracing::info!("commits succeed again");
             self.committing.send_replace(true);
         }
         let mut buffers = Buffers::take_from(cx);
+        self.count_committed(batch, &outcomes);
         for (op, outcome) in batch.iter().zip(&outcomes) {
             if let (WriteOp::UpdateSettings { queue, .. }, Ok(Done::Settings(record))) =
                 (op, outcome)
@@ -393,6 +404,96 @@ impl Writer {
 
         for (op, outcome) in batch.drain(..).zip(outcomes) {
             reply(op, outcome);
+        }
+    }
+
+    /// Counts the committed state changes of a batch by queue, before any reply is sent, so
+    /// that a client that got its reply finds the change in the metrics.
+    fn count_committed(&mut self, batch: &[WriteOp], outcomes: &[Result<Done, BrokerError>]) {
+        let now_us = super::now_micros();
+        for (op, outcome) in batch.iter().zip(outcomes) {
+            match (op, outcome) {
+                (WriteOp::Enqueue { tasks, .. }, Ok(Done::Enqueued(enqueued))) => {
+                    self.count_enqueued(tasks, enqueued);
+                }
+                // Another state means the task was final before the Ack arrived.
+                (WriteOp::Complete { settled, .. }, Ok(Done::Settled(settle)))
+                    if settle.state == TaskRecordState::Succeeded =>
+                {
+                    let queue = self.metrics.get(&settled.task.queue);
+                    queue.acked.inc();
+                    let held_us = now_us.saturating_sub(settled.started_at_us);
+                    queue.ack_latency.observe(micros_to_seconds(held_us));
+                }
+                (
+                    WriteOp::Fail {
+                        settled,
+                        failure,
+                        reply,
+                    },
+                    Ok(Done::Settled(settle)),
+                ) => {
+                    let queue = self.metrics.get(&settled.task.queue);
+                    // Only a Nack waits for a reply. The broker's own failures, for an
+                    // expired lease or a closed stream, carry their fixed error message.
+                    if reply.is_some() && failure.release {
+                        queue.released.inc();
+                    } else if reply.is_some() {
+                        queue.nacked.inc();
+                    } else if failure.error == LEASE_EXPIRED {
+                        queue.expired.inc();
+                    }
+                    if settle.state == TaskRecordState::Dead {
+                        queue.dead_lettered.inc();
+                    } else if settle.state == TaskRecordState::Cancelled && settle.cancel_requested
+                    {
+                        queue.cancelled.inc();
+                    }
+                }
+                (WriteOp::Cancel { task_id, .. }, Ok(Done::Cancelled(TaskState::Cancelled))) => {
+                    self.count_cancelled(*task_id);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Counts the tasks of an Enqueue that were stored, leaving out duplicates of an
+    /// idempotency key. A batch usually names one queue, so each run of tasks with the same
+    /// queue takes one lookup and one atomic addition.
+    fn count_enqueued(&mut self, tasks: &[NewTask], enqueued: &[Enqueued]) {
+        let mut run: Option<(&QueueName, u64)> = None;
+        for (task, entry) in tasks.iter().zip(enqueued) {
+            if entry.duplicate {
+                continue;
+            }
+            match &mut run {
+                Some((queue, count)) if *queue == &task.queue => *count += 1,
+                _ => {
+                    if let Some((queue, count)) = run.replace((&task.queue, 1)) {
+                        self.metrics.get(queue).enqueued.inc_by(count);
+                    }
+                }
+            }
+        }
+        if let Some((queue, count)) = run {
+            self.metrics.get(queue).enqueued.inc_by(count);
+        }
+    }
+
+    /// Counts a task that Cancel ended, under the queue in its stored record, because the
+    /// request names the task only.
+    fn count_cancelled(&mut self, task_id: TaskId) {
+        let queue = match self.store.read_task(task_id) {
+            Ok(Some(record)) => QueueName::parse("queue", &record.queue).ok(),
+            Ok(None) => None,
+            Err(err) => {
+                tracing::warn!(%task_id, error = %err, "reading a cancelled task to count it failed");
+                None
+            }
+        };
+        if let Some(queue) = queue {
+            self.metrics.get(&queue).cancelled.inc();
         }
     }
 
