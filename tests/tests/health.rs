@@ -131,6 +131,16 @@ async fn shutdown_reports_not_serving_first() -> Result<()> {
     }
     assert_eq!(seen, [ServingStatus::NotServing], "statuses after SIGTERM");
 
+    // A new call on the open connection is refused with UNAVAILABLE, which clients
+    // retry elsewhere.
+    let refused = client
+        .enqueue(docket_tests::v1::EnqueueRequest {
+            tasks: vec![new_task(QUEUE, "job", "late")],
+        })
+        .await
+        .expect_err("Enqueue after SIGTERM");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
     // The stream holding a lease ended with UNAVAILABLE, which workers treat as a reason
     // to reconnect.
     let ended = subscription
