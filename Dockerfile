@@ -30,7 +30,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # Runtime: the same Debian release with its glibc and libgcc, and an unprivileged user
 # 65532:65532 that owns nothing but the data folder.
 FROM debian:bookworm-slim
-RUN groupadd --gid 65532 docket \
+# The root certificates let https:// URLs without a --ca-cert file verify public CAs.
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 65532 docket \
     && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin docket
 COPY --from=builder /out/bin/ /usr/local/bin/
 # An empty data folder owned by the runtime user. Docker copies its owner into a new named
@@ -39,6 +43,6 @@ COPY --from=builder --chown=65532:65532 /out/data /var/lib/docket
 ENV DOCKET_DATA_DIR=/var/lib/docket \
     DOCKET_SCHEDULER_DATA_DIR=/var/lib/docket
 USER 65532:65532
-# The broker serves gRPC on 7070 and the scheduler on 7071.
-EXPOSE 7070 7071
+# The broker serves gRPC on 7070 and the scheduler on 7071; k8s/ serves metrics on 9090.
+EXPOSE 7070 7071 9090
 ENTRYPOINT ["/usr/local/bin/docket-broker"]

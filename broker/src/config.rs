@@ -117,7 +117,8 @@ pub struct Config {
     #[arg(long, env = "DOCKET_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Time that shutdown waits for pending commits before it gives up.
+    /// Time that shutdown waits for open calls to finish, and then again for pending
+    /// commits, before it closes them: up to twice this value in all.
     #[arg(long, env = "DOCKET_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 

@@ -261,7 +261,7 @@ impl BrokerMetrics {
             Family::new_with_constructor(latency_histogram);
         registry.register_with_unit(
             "delivery_latency",
-            "Time from enqueue to the first delivery of a task, by queue",
+            "Time from enqueue to a task's delivery before any finished attempt, by queue",
             Unit::Seconds,
             delivery_latency.clone(),
         );

@@ -69,8 +69,24 @@ pub enum SecurityError {
     Tokens(#[from] TokenFileError),
 
     /// tonic rejected the TLS configuration.
-    #[error("invalid TLS configuration: {0}")]
+    #[error("invalid TLS configuration: {}", error_chain(.0))]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// Joins an error and its sources with `: `, because tonic's transport error shows only
+/// `transport error` and keeps the cause, such as a rejected certificate, in its source.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !text.ends_with(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Returns a server builder with TLS and token checks as `files` configure them.

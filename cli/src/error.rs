@@ -123,11 +123,24 @@ impl CliError {
                 url,
                 detail,
             } => format!("cannot connect to the {service} at {url}: {detail}"),
-            CliError::Status { service, status } => format!(
-                "the {service} returned {}: {}",
-                code_name(status.code()),
-                status.message()
-            ),
+            CliError::Status { service, status } => {
+                // A status made from a transport error, such as a TLS handshake that the
+                // server rejected, keeps its cause in the source chain.
+                let mut message = status.message().to_owned();
+                let mut source = std::error::Error::source(status);
+                while let Some(cause) = source {
+                    let text = cause.to_string();
+                    if !message.ends_with(&text) {
+                        message.push_str(": ");
+                        message.push_str(&text);
+                    }
+                    source = cause.source();
+                }
+                format!(
+                    "the {service} returned {}: {message}",
+                    code_name(status.code())
+                )
+            }
             CliError::Usage(message) | CliError::Input { message, .. } => message.clone(),
             CliError::InvalidResponse { service, detail } => {
                 format!("invalid response from the {service}: {detail}")

@@ -78,7 +78,8 @@ pub struct Config {
     #[arg(long, env = "DOCKET_SCHEDULER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Time that shutdown waits for a release in progress and pending commits.
+    /// Time that shutdown waits for open calls, then for a release in progress, then for
+    /// pending commits: each up to this value.
     #[arg(long, env = "DOCKET_SCHEDULER_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 

@@ -91,7 +91,7 @@ pub enum ServeError {
     WriterThread(std::io::Error),
 
     /// The gRPC server failed.
-    #[error("gRPC server failed: {0}")]
+    #[error("gRPC server failed: {}", docket_broker::tls::error_chain(.0))]
     Transport(#[from] tonic::transport::Error),
 
     /// A TLS or token file is invalid.
