@@ -256,9 +256,11 @@ def read_env_file(path: Path) -> list[tuple[str, str]]:
 
 
 def config_map_hash(data: dict[str, str]) -> str:
-    """Return kustomize's name suffix: the SHA-256 of Go's JSON encoding of the kind, name
-    and data, whose first 10 hex digits are mapped to letters where they are a vowel
-    (a, e) or a digit that reads like a letter (0, 1, 3).
+    """Return kustomize's name suffix for a generated ConfigMap with `data`.
+
+    The suffix is the SHA-256 of Go's JSON encoding of the kind, name and data. Its first
+    10 hex digits are kept, and those that are a vowel (a, e) or a digit that reads like
+    a letter (0, 1, 3) are mapped to other letters.
 
     kustomize 5.5 hashes the generated ConfigMap before it names it, so the name in the
     encoding is empty; ConfigMaps with the same data get the same suffix.

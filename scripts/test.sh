@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite from a fresh clone: installs the packages that the tests of
-# other languages and the SMTP test need, builds the binaries that the end-to-end tests
-# start, runs every Rust test and doctest, and validates the Kubernetes manifests.
+# Runs the whole test suite from a fresh clone. It installs the packages that the tests
+# of other languages and the SMTP test need, and builds the binaries that the end-to-end
+# tests start. Then it runs every Rust test and doctest and validates the Kubernetes
+# manifests.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

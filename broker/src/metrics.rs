@@ -4,7 +4,7 @@
 //! Counters and histograms change where a state change is committed. The storage writer
 //! counts enqueues, acks, nacks, releases, expiries, dead letters and cancellations after
 //! the commit that stores them and before any reply. The dispatcher counts deliveries
-//! under its lock. A client that got its reply therefore sees the change in the next
+//! under its lock. A client that got its reply therefore finds the change in the next
 //! scrape. Each update is an atomic addition on a handle that the caller looked up once
 //! per queue ([`QueueMetricsCache`]), so the per-task path takes no lock of its own.
 //!
@@ -343,8 +343,10 @@ impl BrokerMetrics {
 
     /// Appends the counters and histograms to `output`, without the closing `# EOF`.
     fn encode(&self, output: &mut String) {
-        // Writing to a String never fails, and the encoder rejects none of these metrics.
-        let _ = text::encode_registry(output, &self.registry);
+        // Writing to a String cannot fail, so an error here is a bug in a metric.
+        if let Err(error) = text::encode_registry(output, &self.registry) {
+            tracing::error!(%error, "encoding the broker's metrics failed");
+        }
     }
 }
 

@@ -39,10 +39,10 @@ pub type SecureServer = Server<Stack<AuthLayer, NoLayer>>;
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {
     /// A file could not be read.
-    #[error("cannot read the {what} {path}: {source}")]
+    #[error("cannot read the {file_kind} {path}: {source}")]
     Read {
         /// The file's purpose, such as "TLS certificate file".
-        what: &'static str,
+        file_kind: &'static str,
         /// The file.
         path: PathBuf,
         /// The I/O error.
@@ -50,10 +50,10 @@ pub enum SecurityError {
     },
 
     /// A file's content cannot be used.
-    #[error("invalid {what} {path}: {reason}")]
+    #[error("invalid {file_kind} {path}: {reason}")]
     Invalid {
         /// The file's purpose.
-        what: &'static str,
+        file_kind: &'static str,
         /// The file.
         path: PathBuf,
         /// The problem with the file.
@@ -165,17 +165,17 @@ pub fn server_tls_config(files: &SecurityFiles) -> Result<Option<ServerTlsConfig
     Ok(Some(config))
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, SecurityError> {
+fn read(file_kind: &'static str, path: &Path) -> Result<Vec<u8>, SecurityError> {
     std::fs::read(path).map_err(|source| SecurityError::Read {
-        what,
+        file_kind,
         path: path.to_path_buf(),
         source,
     })
 }
 
-fn invalid(what: &'static str, path: &Path, reason: String) -> SecurityError {
+fn invalid(file_kind: &'static str, path: &Path, reason: String) -> SecurityError {
     SecurityError::Invalid {
-        what,
+        file_kind,
         path: path.to_path_buf(),
         reason,
     }
@@ -183,16 +183,16 @@ fn invalid(what: &'static str, path: &Path, reason: String) -> SecurityError {
 
 /// Parses every PEM certificate in `pem`, failing if there is none.
 pub fn parse_certificates(
-    what: &'static str,
+    file_kind: &'static str,
     path: &Path,
     pem: &[u8],
 ) -> Result<Vec<CertificateDer<'static>>, SecurityError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| invalid(what, path, format!("not valid PEM: {err}")))?;
+        .map_err(|err| invalid(file_kind, path, format!("not valid PEM: {err}")))?;
     if certs.is_empty() {
         return Err(invalid(
-            what,
+            file_kind,
             path,
             "contains no PEM certificate (-----BEGIN CERTIFICATE-----)".to_owned(),
         ));

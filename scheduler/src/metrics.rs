@@ -115,8 +115,10 @@ impl SchedulerMetrics {
     /// Renders every metric in the OpenMetrics text format.
     pub fn render(&self) -> String {
         let mut output = String::new();
-        // Writing to a String never fails, and the encoder rejects none of these metrics.
-        let _ = text::encode(&mut output, &self.registry);
+        // Writing to a String cannot fail, so an error here is a bug in a metric.
+        if let Err(error) = text::encode(&mut output, &self.registry) {
+            tracing::error!(%error, "encoding the scheduler's metrics failed");
+        }
         output
     }
 }

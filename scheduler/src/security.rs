@@ -136,9 +136,9 @@ impl SecurityArgs {
     }
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, SecurityError> {
+fn read(file_kind: &'static str, path: &Path) -> Result<Vec<u8>, SecurityError> {
     std::fs::read(path).map_err(|source| SecurityError::Read {
-        what,
+        file_kind,
         path: path.to_path_buf(),
         source,
     })
@@ -172,23 +172,23 @@ impl BrokerCredentials {
     /// Fails if the file cannot be read, is empty, or has characters other than
     /// printable ASCII.
     pub fn from_token_file(path: &Path) -> Result<Self, SecurityError> {
-        let what = "broker token file";
+        let file_kind = "broker token file";
         let text = std::fs::read_to_string(path).map_err(|source| SecurityError::Read {
-            what,
+            file_kind,
             path: path.to_path_buf(),
             source,
         })?;
         let token = text.trim();
         if token.is_empty() {
             return Err(SecurityError::Invalid {
-                what,
+                file_kind,
                 path: path.to_path_buf(),
                 reason: "the file is empty".to_owned(),
             });
         }
         if !token.bytes().all(|byte| byte.is_ascii_graphic()) {
             return Err(SecurityError::Invalid {
-                what,
+                file_kind,
                 path: path.to_path_buf(),
                 reason: "the token contains a character other than printable ASCII".to_owned(),
             });
@@ -197,7 +197,7 @@ impl BrokerCredentials {
             format!("Bearer {token}")
                 .parse()
                 .map_err(|_| SecurityError::Invalid {
-                    what,
+                    file_kind,
                     path: path.to_path_buf(),
                     reason: "the token is not a valid header value".to_owned(),
                 })?;

@@ -25,7 +25,7 @@ async fn not_serving_until_store_recovered() -> Result<()> {
         BrokerProcess::start_unready(data_dir.path(), &["--hold-recovery-while-exists", hold_arg])
             .await?;
 
-    // The port answers at once: health and reflection work, Broker calls do not.
+    // The port responds at once: health and reflection work, Broker calls do not.
     for service in ["", BROKER_SERVICE] {
         assert_eq!(
             broker.health(service).await?,

@@ -184,7 +184,7 @@ async fn broker_counts_every_state_change() -> Result<()> {
     ack(&mut client, &again.lease_id, "done").await?;
 
     // Queue "idle" has no worker: one task is cancelled and one stays pending. Queue
-    // "slow" gets a single-attempt task whose lease expires, so it dies. One batch holds
+    // "slow" gets a single-attempt task whose lease expires, so it dies. One batch contains
     // all three, switching queues twice.
     let mut slow_task = new_task("slow", "job", "f");
     slow_task.max_attempts = 1;

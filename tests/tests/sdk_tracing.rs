@@ -499,7 +499,7 @@ async fn handler_enqueue_continues_its_trace() -> Result<()> {
             Ok(None)
         }
     })?;
-    // Unsampled, so the test also sees that the child keeps the flags.
+    // Unsampled, so the test also checks that the child keeps the flags.
     let (traceparent, incoming) = random_traceparent(0x00);
 
     let parent_id = setup

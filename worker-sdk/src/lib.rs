@@ -7,7 +7,7 @@
 //!
 //! A [`Worker`] subscribes to one or more queues, with weights, and runs the async handler
 //! of each delivered task's kind, a bounded number at once. It acks the task when the
-//! handler returns `Ok` and nacks it when the handler returns `Err` or panics; a
+//! handler returns `Ok` and nacks it when the handler returns `Err` or panics. A
 //! [`HandlerError`] can ask for no retry or for a specific delay. While a handler runs,
 //! the worker extends its lease, and passes on a cancellation with
 //! [`TaskContext::cancelled`]. It reconnects with exponential backoff and jitter when the

@@ -90,8 +90,8 @@ impl Worker {
     /// On shutdown the worker starts no new handler and waits up to the shutdown grace
     /// period for running handlers to finish, acking or nacking each as usual. Handlers
     /// still running when the grace period ends are stopped, and their tasks are nacked
-    /// with a retry delay of zero, so that another worker runs them at once; the Nack
-    /// counts as a failed attempt, and on a task's last attempt it dead-letters the task
+    /// with a retry delay of zero, so that another worker runs them at once. The Nack
+    /// counts as a failed attempt, so on a task's last attempt it dead-letters the task
     /// with the message "the worker shut down before the handler finished". Then the
     /// worker closes the stream, and the broker offers again at once the deliveries that
     /// had not started.
